@@ -1,0 +1,144 @@
+"""Where an original image sits on the square model canvas, and the way back.
+
+Every image is resized (aspect kept) so that its longer side is ``size`` and padded, centred, to a
+``size x size`` canvas, so every image gives the same ``(size/14) x (size/14)`` token grid. The
+per-image :class:`Geometry` is stored next to the features so that later stages can map canvas
+predictions back to original pixels::
+
+    geom = fit_geometry(height=375, width=500, size=448)
+    canvas = mask_to_canvas(mask, geom)            # (448, 448) uint8, padding = 255
+    back = canvas_to_original(logits, geom)        # (C, 375, 500)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.errors import ConfigError
+
+IGNORE = 255
+PATCH = 14
+
+#: Column order of the per-image ``geometry`` array in the feature store (see cache_layout.md).
+GEOMETRY_COLUMNS = ("height", "width", "resized_height", "resized_width", "pad_top", "pad_left")
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """An original ``height x width`` image resized to ``resized_*`` and placed on a square canvas.
+
+    The content occupies canvas rows ``pad_top : pad_top + resized_height`` and columns
+    ``pad_left : pad_left + resized_width``; everything else is padding.
+    """
+
+    height: int
+    width: int
+    resized_height: int
+    resized_width: int
+    pad_top: int
+    pad_left: int
+    canvas: int
+
+    @property
+    def scale(self) -> float:
+        """Canvas pixels per original pixel (the same on both axes up to rounding)."""
+        return self.canvas / max(self.height, self.width)
+
+    def to_row(self) -> np.ndarray:
+        """The store's int32 row, in :data:`GEOMETRY_COLUMNS` order."""
+        return np.array(
+            [self.height, self.width, self.resized_height, self.resized_width, self.pad_top, self.pad_left],
+            dtype=np.int32,
+        )
+
+    @classmethod
+    def from_row(cls, row: np.ndarray, canvas: int) -> Geometry:
+        h, w, rh, rw, top, left = (int(v) for v in row)
+        return cls(h, w, rh, rw, top, left, canvas)
+
+    def content_mask(self, grid: int | None = None) -> np.ndarray:
+        """(S, S) bool, True on content pixels; with ``grid``, (grid, grid) True on patches that
+        overlap the content at all (a patch is padding only if it holds no content pixel)."""
+        s = self.canvas
+        mask = np.zeros((s, s), dtype=bool)
+        mask[self.pad_top : self.pad_top + self.resized_height, self.pad_left : self.pad_left + self.resized_width] = True
+        if grid is None:
+            return mask
+        p = s // grid
+        return mask.reshape(grid, p, grid, p).any(axis=(1, 3))
+
+
+def check_size(size: int) -> int:
+    if size <= 0 or size % PATCH:
+        raise ConfigError(f"size must be a positive multiple of {PATCH} (the ViT patch size), got {size}")
+    return size
+
+
+def fit_geometry(height: int, width: int, size: int) -> Geometry:
+    """The geometry of an ``height x width`` image on a ``size x size`` canvas, longer side = size."""
+    check_size(size)
+    if height <= 0 or width <= 0:
+        raise ConfigError(f"image size must be positive, got {height}x{width}")
+    scale = size / max(height, width)
+    rh = min(size, max(1, round(height * scale)))
+    rw = min(size, max(1, round(width * scale)))
+    return Geometry(height, width, rh, rw, (size - rh) // 2, (size - rw) // 2, size)
+
+
+def image_to_canvas(image: Image.Image, geom: Geometry, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """An RGB PIL image -> (3, S, S) float32, normalised, padding = 0 (the mean colour).
+
+    Resizing is bicubic with PIL's antialiasing, as in torchvision's ``Resize`` on PIL images.
+    """
+    resized = image.resize((geom.resized_width, geom.resized_height), Image.Resampling.BICUBIC)
+    arr = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    arr = (arr - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    out = torch.zeros(3, geom.canvas, geom.canvas)
+    out[:, geom.pad_top : geom.pad_top + geom.resized_height, geom.pad_left : geom.pad_left + geom.resized_width] = arr
+    return out
+
+
+def mask_to_canvas(mask: np.ndarray, geom: Geometry) -> np.ndarray:
+    """(H, W) uint8 class ids -> (S, S) uint8 by nearest neighbour, padding = 255."""
+    if mask.shape != (geom.height, geom.width):
+        raise ConfigError(f"mask is {mask.shape[0]}x{mask.shape[1]} but the image is {geom.height}x{geom.width}")
+    resized = Image.fromarray(mask).resize((geom.resized_width, geom.resized_height), Image.Resampling.NEAREST)
+    out = np.full((geom.canvas, geom.canvas), IGNORE, dtype=np.uint8)
+    out[geom.pad_top : geom.pad_top + geom.resized_height, geom.pad_left : geom.pad_left + geom.resized_width] = np.asarray(resized)
+    return out
+
+
+def points_to_canvas(xy: np.ndarray, geom: Geometry) -> np.ndarray:
+    """(n, 2) original pixel coordinates (x, y; pixel centres at integers) -> (n, 2) float canvas
+    coordinates, by the same mapping the image resize uses (pixel-centre aligned)."""
+    xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+    sx = geom.resized_width / geom.width
+    sy = geom.resized_height / geom.height
+    x = (xy[:, 0] + 0.5) * sx - 0.5 + geom.pad_left
+    y = (xy[:, 1] + 0.5) * sy - 0.5 + geom.pad_top
+    return np.stack([x, y], axis=1)
+
+
+def canvas_to_original(values: torch.Tensor, geom: Geometry, mode: str = "bilinear") -> torch.Tensor:
+    """(..., h, w) values on the canvas (any resolution, e.g. the token grid or S x S) ->
+    (..., H, W) on the original image: upsample to the canvas, drop the padding, resize to H x W.
+
+    ``mode`` is "bilinear" for logits/scores and "nearest" for class maps.
+    """
+    lead = values.shape[:-2]
+    x = values.reshape(-1, 1, *values.shape[-2:]) if values.dim() == 2 else values.reshape(1, -1, *values.shape[-2:])
+    kwargs = {"align_corners": False} if mode == "bilinear" else {}
+    dtype = x.dtype
+    if mode != "bilinear" and not x.is_floating_point():
+        x = x.float()
+    s = geom.canvas
+    if x.shape[-2:] != (s, s):
+        x = F.interpolate(x, size=(s, s), mode=mode, **kwargs)
+    x = x[..., geom.pad_top : geom.pad_top + geom.resized_height, geom.pad_left : geom.pad_left + geom.resized_width]
+    x = F.interpolate(x, size=(geom.height, geom.width), mode=mode, **kwargs)
+    return x.to(dtype).reshape(*lead, geom.height, geom.width)
