@@ -133,8 +133,10 @@ def canvas_to_original(values: torch.Tensor, geom: Geometry, mode: str = "biline
     lead = values.shape[:-2]
     x = values.reshape(-1, 1, *values.shape[-2:]) if values.dim() == 2 else values.reshape(1, -1, *values.shape[-2:])
     kwargs = {"align_corners": False} if mode == "bilinear" else {}
+    if mode == "nearest":
+        mode = "nearest-exact"  # pixel-centre aligned, like PIL's NEAREST used for the masks
     dtype = x.dtype
-    if mode != "bilinear" and not x.is_floating_point():
+    if not x.is_floating_point():
         x = x.float()
     s = geom.canvas
     if x.shape[-2:] != (s, s):
