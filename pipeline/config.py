@@ -85,6 +85,47 @@ class ExtractConfig(_Dict):
         return f"{self.model}-{self.size}-{layers}{suffix}"
 
 
+SCHEDULES = ("cosine", "poly")
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Dict):
+    """Settings of one ``ssvt train-head`` run (AdamW, linear warm-up, then cosine or poly decay).
+
+    ``pixels_per_image`` trains dense labels on a random subset of labelled pixels per image (None:
+    all); sparse labels always use only their labelled pixels. ``flip`` uses the cached flipped view
+    as augmentation when the store has one.
+    """
+
+    labels: str = "gt"
+    head: str = "bn-linear"
+    epochs: int = 30
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup: float = 0.05
+    schedule: str = "poly"
+    pixels_per_image: int | None = None
+    flip: bool = True
+    seed: int = 0
+    device: str = "auto"
+    memory: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError(f"epochs and batch size must be at least 1, got {self.epochs} and {self.batch_size}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError(f"learning rate must be positive and weight decay non-negative, got {self.lr}, {self.weight_decay}")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"warm-up is a fraction of training in [0, 1), got {self.warmup}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if self.pixels_per_image is not None and self.pixels_per_image < 1:
+            raise ConfigError(f"pixels per image must be at least 1, got {self.pixels_per_image}")
+        if self.memory not in ("auto", "ram", "stream"):
+            raise ConfigError(f"memory must be auto, ram or stream, got {self.memory!r}")
+
+
 @dataclass(frozen=True)
 class LabelSource:
     """A named label source of the workspace: its kind and where its files are."""
@@ -168,11 +209,41 @@ class Workspace:
     def store_path(self, cfg: ExtractConfig, split: str) -> Path:
         return self.cache_dir / cfg.cache_name / f"{split}.zarr"
 
+    def find_store(self, split: str, features: str | None = None) -> Path:
+        """The cached store of ``split``: ``<cache>/<features>/<split>.zarr``, or the only cache that
+        has this split when ``features`` is None."""
+        if features is not None:
+            path = self.cache_dir / features / f"{split}.zarr"
+            if not path.exists():
+                raise ConfigError(f"no store {path}; run `ssvt extract` first or check --features")
+            return path
+        found = sorted(self.cache_dir.glob(f"*/{split}.zarr"))
+        if not found:
+            raise ConfigError(f"no cached features for split {split!r} under {self.cache_dir}; run `ssvt extract` first")
+        if len(found) > 1:
+            names = ", ".join(p.parent.name for p in found)
+            raise ConfigError(f"several caches have split {split!r} ({names}); choose one with --features NAME")
+        return found[0]
+
     def label_source(self, name: str) -> LabelSource:
         if name not in self.labels:
             known = ", ".join(sorted(self.labels)) or "none"
             raise ConfigError(f"no label source {name!r} in {self.file}; known: {known}")
         return self.labels[name]
+
+
+def label_source(name_or_path: str, workspace: Workspace | None, kind: str | None = None) -> LabelSource:
+    """A workspace label source by name, or a path with its kind (guessed from the path when not given:
+    a folder of masks, a .json of points, a .npy of image-level labels)."""
+    if workspace is not None and name_or_path in workspace.labels:
+        return workspace.labels[name_or_path]
+    path = Path(name_or_path)
+    if not path.exists():
+        known = ", ".join(sorted(workspace.labels)) if workspace else "none (no ssvt.toml here)"
+        raise ConfigError(f"{name_or_path!r} is neither a label source of the workspace (known: {known}) nor a path")
+    if kind is None:
+        kind = {".json": "points-json", ".npy": "cls-labels"}.get(path.suffix, "mask")
+    return LabelSource(path.stem, kind, path.resolve())
 
 
 INIT_TEMPLATE = """\

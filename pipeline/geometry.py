@@ -70,7 +70,7 @@ class Geometry:
         if grid is None:
             return mask
         p = s // grid
-        return mask.reshape(grid, p, grid, p).any(axis=(1, 3))
+        return np.asarray(mask.reshape(grid, p, grid, p).any(axis=(1, 3)))
 
 
 def check_size(size: int) -> int:

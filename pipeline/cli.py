@@ -1,0 +1,351 @@
+"""The ``ssvt`` command line. Each command parses its flags, builds a config and calls one library
+function; progress bars and tables are drawn here and nowhere else.
+
+Usage: ``ssvt --help``; ``ssvt demo``; ``ssvt extract --model dinov2_vitl14``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from pipeline.config import INIT_TEMPLATE, WORKSPACE_FILE, ExtractConfig, Workspace
+from pipeline.errors import ConfigError, SsvtError
+
+app = typer.Typer(
+    name="ssvt",
+    help="Semantic segmentation from imperfect labels on cached, frozen DINOv2 features.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+_state = {"debug": False}
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help=f"Workspace file (default: ./{WORKSPACE_FILE} when present).")]
+
+
+class Layers(StrEnum):
+    last = "last"
+    last4 = "last4"
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library messages.")] = False,
+) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def errors_as_one_line(fn: F) -> F:
+    """Print an ssvt error as one red line and exit 1 (a traceback only with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (SsvtError, KeyboardInterrupt) as exc:
+            if _state["debug"]:
+                raise
+            message = "interrupted; rerun the same command to resume" if isinstance(exc, KeyboardInterrupt) else str(exc)
+            err_console.print(Text(f"error: {message}", style="bold red"))
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class RateColumn(ProgressColumn):
+    """Items per second: rich's recent-speed estimate, else the average since the start."""
+
+    def __init__(self, unit: str = "img/s"):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        elapsed = task.elapsed or 0.0
+        speed = task.finished_speed or task.speed or (task.completed / elapsed if elapsed > 0 else None)
+        return Text(f"{speed:,.1f} {self.unit}" if speed else f"- {self.unit}", style="progress.data.speed")
+
+
+def progress_bar(unit: str = "img/s") -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
+        TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False,
+    )  # fmt: skip
+
+
+def kv_table(title: str, rows: list[tuple[str, Any]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, str(value))
+    return table
+
+
+# ---------------------------------------------------------------- workspace and toy data
+
+
+@app.command()
+@errors_as_one_line
+def init(
+    path: Annotated[Path, typer.Argument(help="Where to write the workspace file.")] = Path(WORKSPACE_FILE),
+    force: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+) -> None:
+    """Write a commented ssvt.toml workspace file to edit: dataset root, splits, cache and label sources."""
+    if path.exists() and not force:
+        raise ConfigError(f"{path} exists; pass --force to replace it")
+    path.write_text(INIT_TEMPLATE)
+    console.print(f"wrote {path}: set [dataset] root and the label sources, then run `ssvt extract`")
+
+
+@app.command("make-toy")
+@errors_as_one_line
+def make_toy_cmd(
+    out: Annotated[Path, typer.Argument(help="Folder to write the toy dataset and its ssvt.toml into.")],
+    n_train: Annotated[int, typer.Option(help="Training images.")] = 64,
+    n_val: Annotated[int, typer.Option(help="Validation images.")] = 24,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
+) -> None:
+    """Write a small synthetic dataset in the PASCAL VOC layout, with scribble, point, pseudo-mask
+    (seam, eps), vision-language and image-level labels in their real formats, and a workspace file."""
+    from pipeline.toy import make_toy
+
+    make_toy(out, n_train=n_train, n_val=n_val, seed=seed)
+    console.print(f"wrote {n_train} train + {n_val} val images, their label sets and {out / WORKSPACE_FILE}")
+    console.print(f"next: cd {out} && ssvt extract --model dinov2_vits14   (add --random-init when no weights are cached)")
+
+
+# ---------------------------------------------------------------- stage one
+
+
+@app.command()
+@errors_as_one_line
+def extract(
+    model: Annotated[str, typer.Option(help="Backbone: a DINOv2 hub name (dinov2_vits14 ... dinov2_vitg14_reg); `ssvt models` lists them.")] = "dinov2_vitl14",
+    data: Annotated[Path | None, typer.Option(help="Dataset: a VOC root, an images/ (+ masks/) folder, a plain image folder or a text file listing images. Default: the workspace's [dataset] root.")] = None,
+    split: Annotated[list[str] | None, typer.Option(help="Split(s) to extract (VOC ImageSets/Segmentation/<split>.txt). Default: the workspace's splits.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Store path (one split). Default: <cache>/<model>-<size>-<layers>/<split>.zarr.")] = None,
+    size: Annotated[int, typer.Option(help="Canvas side in pixels, a multiple of 14: images are resized so the longer side is this, then padded to a square.")] = 448,
+    layers: Annotated[str, typer.Option(help="Blocks to cache: last, last4 (the '+ms' recipe, concatenated) or indices like 8,9,10,11.")] = "last",
+    flip: Annotated[bool, typer.Option(help="Also cache the horizontally flipped view (training augmentation, flip test-time augmentation).")] = False,
+    weights: Annotated[Path | None, typer.Option(help="Weights: an HF model folder or an official dinov2_*_pretrain.pth. Default: the torch hub / HF caches.")] = None,
+    random_init: Annotated[bool, typer.Option(help="Use a seeded random initialisation instead of pretrained weights (tests and offline demos).")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass (halved automatically on CUDA out-of-memory).")] = 8,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes that decode and resize images.")] = 2,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    images_per_shard: Annotated[int | None, typer.Option(help="Images per zarr shard (default: about 128 MB per shard).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store made with other settings.")] = False,
+    strict: Annotated[bool, typer.Option(help="Stop at the first unreadable image instead of reporting it at the end.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Run a frozen DINOv2 once over a dataset and cache its patch tokens in a sharded zarr store.
+
+    Rerunning the same command after a crash finishes the missing shards only."""
+    from pipeline.extract import extract as run_extract
+
+    cfg = ExtractConfig(
+        model=model, size=size, layers=layers, flip=flip, weights=str(weights) if weights else None,
+        random_init=random_init, batch_size=batch_size, workers=workers, device=device,
+        images_per_shard=images_per_shard, strict=strict,
+    )  # fmt: skip
+    for split_name, items, store_path in _extract_targets(cfg, data, split, out, config):
+        with progress_bar() as bar:
+            task = bar.add_task(f"extract {split_name}", total=None)
+            summary = run_extract(
+                items, store_path, cfg, overwrite=overwrite,
+                progress=lambda done, total, t=task: bar.update(t, completed=done, total=total),
+            )  # fmt: skip
+        _print_extract_summary(split_name, summary)
+
+
+def _extract_targets(cfg: ExtractConfig, data: Path | None, splits: list[str] | None, out: Path | None, config: Path | None) -> list[tuple[str, Any, Path]]:
+    from pipeline.data import find_images
+
+    ws = Workspace.find(config)
+    if data is None and ws is None:
+        raise ConfigError(f"no dataset: pass --data PATH or run where a {WORKSPACE_FILE} is (see `ssvt init`)")
+    root = data if data is not None else ws.data_root  # type: ignore[union-attr]
+    fmt = None if data is not None else ws.data_format  # type: ignore[union-attr]
+    names: list[str | None] = list(splits) if splits else (list(ws.splits) if ws and data is None else [None])
+    if out is not None and len(names) > 1:
+        raise ConfigError(f"--out names one store but {len(names)} splits are selected; add --split")
+    targets = []
+    for name in names:
+        items = find_images(root, name, fmt)
+        label = name or Path(root).stem
+        if out is not None:
+            path = out
+        elif ws is not None:
+            path = ws.cache_dir / cfg.cache_name / f"{label}.zarr"
+        else:
+            raise ConfigError("no workspace to name the store after: pass --out STORE.zarr")
+        targets.append((label, items, path))
+    return targets
+
+
+def _print_extract_summary(split: str, s: Any) -> None:
+    rows = [
+        ("store", s.store), ("images", s.n_images), ("extracted now", s.images_done),
+        ("shards written / already done", f"{s.shards_written} / {s.shards_skipped}"),
+        ("unreadable images", len(s.failed)), ("device", s.device), ("weights", s.weights_source),
+        ("time", f"{s.seconds:.1f} s"), ("throughput", f"{s.images_per_s:.1f} img/s"),
+    ]  # fmt: skip
+    console.print(kv_table(f"extract {split}", rows))
+    for path, error in s.failed:
+        err_console.print(Text(f"unreadable: {path}: {error}", style="yellow"))
+
+
+@app.command()
+@errors_as_one_line
+def info(store: Annotated[Path, typer.Argument(help="A feature store (.zarr folder).")]) -> None:
+    """Describe a feature store: model, grid, views, images, completeness, size on disk, label sets."""
+    from pipeline.store import FeatureStore
+
+    fs = FeatureStore.open(store)
+    i = fs.info()
+    rows = [(k, v) for k, v in i.items() if not isinstance(v, dict | list)]
+    rows += [(k, ", ".join(map(str, v)) or "-") for k, v in i.items() if isinstance(v, list)]
+    console.print(kv_table(str(store), rows))
+
+
+@app.command()
+def models() -> None:
+    """List the backbones ssvt can build, with their size."""
+    from pipeline.backbones import BACKBONES
+
+    table = Table("name", "dim", "depth", "heads", "registers", "HF id", title="backbones")
+    for spec in BACKBONES.values():
+        table.add_row(spec.name, str(spec.hidden_size), str(spec.depth), str(spec.heads), str(spec.registers), spec.hf_id or "-")
+    console.print(table)
+
+
+# ---------------------------------------------------------------- stage two
+
+
+class Schedule(StrEnum):
+    poly = "poly"
+    cosine = "cosine"
+
+
+FeaturesOpt = Annotated[str | None, typer.Option(help="Cache folder under the workspace cache (e.g. dinov2_vitl14-448-last); default: the only one.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+
+
+@app.command("train-head")
+@errors_as_one_line
+def train_head_cmd(
+    labels: Annotated[str, typer.Option(help="Label set: a name from ssvt.toml [labels.*] (gt, scribble, point, seam, eps, vl) or a path.")],
+    head: Annotated[str, typer.Option(help="Head: linear, bn-linear (the DINOv2 protocol), mlp or conv.")] = "bn-linear",
+    label_kind: Annotated[str | None, typer.Option(help="Kind of a label set given as a path (mask, scribble-xml, points-json, ...).")] = None,
+    store: Annotated[Path | None, typer.Option(help="Training feature store. Default: the workspace's train split in the cache.")] = None,
+    val_store: Annotated[Path | None, typer.Option(help="Validation store (evaluated at the end). Default: the val split next to the training store.")] = None,
+    gt: Annotated[str, typer.Option(help="Ground truth for the final evaluation: a label-set name or a mask folder.")] = "gt",
+    features: FeaturesOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder. Default: <runs>/<labels>-<head>[-n].")] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the labelled training images.")] = 30,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 16,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-4,
+    warmup: Annotated[float, typer.Option(help="Fraction of the steps spent warming the learning rate up.")] = 0.05,
+    schedule: Annotated[Schedule, typer.Option(help="Learning-rate decay after warm-up.")] = Schedule.poly,
+    pixels_per_image: Annotated[int | None, typer.Option(help="Dense labels: train on this many random labelled pixels per image (default: all).")] = None,
+    flip: Annotated[bool, typer.Option(help="Use the cached flipped view as augmentation when there is one.")] = True,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same head.")] = 0,
+    device: DeviceOpt = "auto",
+    strict: Annotated[bool, typer.Option(help="Fail when some images have no label instead of leaving them out.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Train a light head on cached features with (imperfect) labels, then evaluate it on the
+    validation split when there is one. Writes a run folder (weights, config, metrics, curve)."""
+    from pipeline.config import TrainConfig, label_source
+    from pipeline.runs import train_and_evaluate
+
+    ws = Workspace.find(config)
+    cfg = TrainConfig(
+        labels=labels, head=head, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
+        schedule=schedule.value, pixels_per_image=pixels_per_image, flip=flip, seed=seed, device=device,
+    )  # fmt: skip
+    source = label_source(labels, ws, label_kind)
+    gt_source = _optional_gt(gt, ws)
+    with progress_bar("step/s") as bar:
+        tasks: dict[str, Any] = {}
+
+        def report(stage: str, done: int, total: int, loss: float | None = None) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total, description=stage if loss is None else f"{stage} loss {loss:.3f}")
+
+        outcome = train_and_evaluate(cfg, source, ws, store=store, val_store=val_store, gt=gt_source, features=features,
+                                     out=out, strict=strict, progress=report)  # fmt: skip
+    _print_run(outcome)
+
+
+def _optional_gt(gt: str, ws: Workspace | None) -> Any:
+    from pipeline.config import label_source
+
+    if ws is not None and gt in ws.labels:
+        return ws.labels[gt]
+    return label_source(gt, ws) if Path(gt).exists() else None
+
+
+def _print_run(outcome: Any) -> None:
+    console.print(kv_table("train-head", [
+        ("run", outcome.run_dir), ("labels", outcome.labels), ("images", outcome.train.images),
+        ("epochs / steps", f"{outcome.train.epochs} / {outcome.train.steps}"),
+        ("features", "in memory" if outcome.train.in_memory else "streamed from the store"),
+        ("train time", f"{outcome.train.seconds:.1f} s"),
+    ]))  # fmt: skip
+    if outcome.evaluation is not None:
+        _print_eval(outcome.evaluation)
+    else:
+        console.print("no validation store or ground truth: not evaluated (see `ssvt evaluate RUN`)")
+
+
+def _print_eval(result: Any) -> None:
+    table = Table("class", "IoU", title=f"mIoU {100 * result.miou:.1f}  pixel accuracy {100 * result.pixel_accuracy:.1f}"
+                  f"  ({result.images} images{', flip TTA' if result.flip_tta else ''})", title_justify="left")  # fmt: skip
+    for name, value in result.per_class_iou.items():
+        table.add_row(name, "-" if value is None else f"{100 * value:.1f}")
+    console.print(table)
+    if result.skipped:
+        err_console.print(Text(f"{len(result.skipped)} images without ground truth or features were skipped", style="yellow"))
+
+
+@app.command()
+@errors_as_one_line
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="A train-head run folder.")],
+    store: Annotated[Path | None, typer.Option(help="Validation feature store. Default: the val split next to the run's training store.")] = None,
+    gt: Annotated[str, typer.Option(help="Ground truth: a label-set name from ssvt.toml or a mask folder.")] = "gt",
+    flip_tta: Annotated[bool, typer.Option(help="Average with the cached flipped view (needs extract --flip).")] = False,
+    save_predictions: Annotated[Path | None, typer.Option(help="Write palette PNGs <id>.png at original resolution here.")] = None,
+    device: DeviceOpt = "auto",
+    config: ConfigOpt = None,
+) -> None:
+    """Score a trained head as papers do: one confusion matrix over the split at original resolution."""
+    from pipeline.config import label_source
+    from pipeline.runs import evaluate_existing
+
+    ws = Workspace.find(config)
+    with progress_bar() as bar:
+        task = bar.add_task("evaluate", total=None)
+        result = evaluate_existing(run, label_source(gt, ws), ws, store=store, flip_tta=flip_tta,
+                                   save_predictions=save_predictions, device=device,
+                                   progress=lambda d, t: bar.update(task, completed=d, total=t))  # fmt: skip
+    _print_eval(result)
+    console.print(f"wrote {run / 'metrics.json'}, {run / 'confusion.png'}" + (f", predictions in {save_predictions}" if save_predictions else ""))

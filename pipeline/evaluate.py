@@ -1,0 +1,159 @@
+"""Score a trained head as papers do: one confusion matrix over the split at the original resolution.
+
+Usage::
+
+    result = evaluate_run(Path("runs/eps-bn-linear"), FeatureStore.open("cache/.../val.zarr"), gt_source)
+    result.miou, result.per_class_iou
+
+For each image the head's patch logits are upsampled to the canvas, the padding is removed and they
+are resized to the original H x W (bilinear), then compared with the ground-truth mask read from its
+original file (255 ignored). With ``flip_tta`` the flipped view's logits, flipped back, are averaged in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from pipeline import readers
+from pipeline.config import LabelSource
+from pipeline.errors import ConfigError, LabelError, StoreError, StoreMismatchError
+from pipeline.extract import pick_device
+from pipeline.geometry import canvas_to_original
+from pipeline.heads import SegHead, head_from_config
+from pipeline.metrics import ConfusionMatrix
+from pipeline.store import FeatureStore
+from pipeline.voc import CLASS_NAMES, palette
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    miou: float
+    per_class_iou: dict[str, float | None]
+    pixel_accuracy: float
+    confusion: np.ndarray
+    images: int
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    flip_tta: bool = False
+
+
+def class_names(num_classes: int) -> list[str]:
+    return list(CLASS_NAMES) if num_classes == len(CLASS_NAMES) else [f"class_{i}" for i in range(num_classes)]
+
+
+def load_run(run_dir: Path) -> tuple[SegHead, dict[str, Any]]:
+    """The head and config of a ``train-head`` run folder."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+        state = load_file(str(run_dir / "head.safetensors"))
+    except FileNotFoundError as exc:
+        raise StoreError(f"{run_dir} is not a complete train-head run ({Path(exc.filename).name} missing)") from None
+    head = head_from_config(config["head"])
+    head.load_state_dict(state, strict=True)
+    return head.eval(), config
+
+
+def check_compatible(config: dict[str, Any], store: FeatureStore) -> None:
+    """Refuse a store made with another backbone, weights, layers or geometry than the run's."""
+    from pipeline.train import store_identity
+
+    trained, here = config["store"]["identity"], store_identity(store)
+    diffs = [f"{k}: run has {trained[k]!r}, store has {here[k]!r}" for k in trained if trained[k] != here.get(k)]
+    if diffs:
+        raise StoreMismatchError(f"{store.path} does not match the features the head was trained on ({'; '.join(diffs)})")
+
+
+def evaluate(
+    head: SegHead,
+    store: FeatureStore,
+    gt: LabelSource,
+    *,
+    flip_tta: bool = False,
+    save_predictions: Path | None = None,
+    device: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    """mIoU of ``head`` on ``store``'s images against the original-resolution masks of ``gt``."""
+    if gt.kind not in ("mask", "rgb-mask"):
+        raise ConfigError(f"ground truth {gt.name!r} has kind {gt.kind!r}; evaluation needs dense masks (kind mask)")
+    if flip_tta and store.n_views < 2:
+        raise ConfigError(f"{store.path} has no flipped view: extract with --flip to use flip test-time augmentation")
+    k = head.num_classes
+    dev = pick_device(device)
+    head = head.to(dev)
+    cm = ConfusionMatrix(k)
+    geoms, status, began, skipped = store.geometries(), store.status(), time.perf_counter(), []
+    if save_predictions is not None:
+        save_predictions.mkdir(parents=True, exist_ok=True)
+    for start in range(0, store.n_images, 8):
+        stop = min(start + 8, store.n_images)
+        tokens = torch.from_numpy(store.read_tokens(start, stop)).to(dev)
+        with torch.inference_mode():
+            logits = head(tokens[:, 0]).float()
+            if flip_tta:
+                logits = (logits + head(tokens[:, 1]).float().flip(-1)) / 2
+        for j, index in enumerate(range(start, stop)):
+            image_id = store.ids[index]
+            mask_path = readers.find_mask(gt.path, image_id)
+            if status[index] != 1 or mask_path is None:
+                skipped.append(image_id)
+                continue
+            target = readers.read_mask(mask_path)
+            pred = canvas_to_original(logits[j], geoms[index]).argmax(0)
+            if tuple(pred.shape) != target.shape:
+                raise LabelError(f"{mask_path} is {target.shape[1]}x{target.shape[0]} but its image is {pred.shape[1]}x{pred.shape[0]}")
+            cm.update(pred.cpu().numpy(), target)
+            if save_predictions is not None:
+                _save_palette_png(pred.cpu().numpy().astype(np.uint8), save_predictions / f"{image_id}.png")
+        if progress:
+            progress(stop, store.n_images)
+    if len(skipped) == store.n_images:
+        raise LabelError(f"no ground truth in {gt.path} for any image of {store.path}; do the ids match?")
+    names = class_names(k)
+    iou = cm.iou()
+    return EvalResult(
+        miou=float(cm.miou()), per_class_iou={n: (None if np.isnan(v) else float(v)) for n, v in zip(names, iou, strict=True)},
+        pixel_accuracy=float(cm.pixel_accuracy()), confusion=cm.matrix.copy(), images=store.n_images - len(skipped),
+        skipped=skipped, seconds=time.perf_counter() - began, flip_tta=flip_tta,
+    )  # fmt: skip
+
+
+def _save_palette_png(pred: np.ndarray, path: Path) -> None:
+    img = Image.fromarray(pred, mode="P")
+    img.putpalette(palette().flatten().tolist())
+    img.save(path)
+
+
+def evaluate_run(run_dir: Path, store: FeatureStore, gt: LabelSource, **kwargs: Any) -> EvalResult:
+    """Evaluate a run folder's head and write metrics.json, confusion.npy and confusion.png into it."""
+    from pipeline.figures import confusion_figure
+
+    head, config = load_run(run_dir)
+    check_compatible(config, store)
+    result = evaluate(head, store, gt, **kwargs)
+    names = class_names(head.num_classes)
+    np.save(run_dir / "confusion.npy", result.confusion)
+    confusion_figure(result.confusion, names, run_dir / "confusion.png")
+    trained = config.get("result", {})
+    metrics = {
+        "miou": result.miou, "per_class_iou": result.per_class_iou, "pixel_accuracy": result.pixel_accuracy,
+        "epochs": trained.get("epochs"), "train_seconds": trained.get("seconds"), "eval_seconds": round(result.seconds, 3),
+        "wall_time": round((trained.get("seconds") or 0) + result.seconds, 3), "images": result.images,
+        "skipped_images": len(result.skipped), "flip_tta": result.flip_tta, "labels": config["labels"]["name"],
+        "head": config["train"]["head"], "val_store": str(store.path),
+    }  # fmt: skip
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return result

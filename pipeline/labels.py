@@ -1,0 +1,253 @@
+"""Label sets: a label source imported once, aligned to a feature store, into an HDF5 file beside it.
+
+Usage::
+
+    labels = ensure_labels(workspace.label_source("eps"), store, num_classes=21)
+    masks = labels.masks(np.arange(10))          # (10, S, S) uint8 on the store's canvas, 255 = ignore
+
+Dense masks are resized with nearest neighbour onto the canvas; scribbles and points are drawn after
+the geometry transform so no stroke or click is lost. This is the only module that imports h5py;
+the file layout is specified in cache_layout.md ("Label store").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from pipeline import __version__, readers
+from pipeline.config import LabelSource
+from pipeline.errors import LabelError, StoreError
+from pipeline.geometry import IGNORE, Geometry, mask_to_canvas, points_to_canvas
+from pipeline.store import FeatureStore
+
+log = logging.getLogger(__name__)
+
+LABEL_SCHEMA = 1
+SPARSE_KINDS = ("scribble-xml", "scribble-png", "points-json")
+
+
+def label_path(store: FeatureStore, name: str) -> Path:
+    """``<store folder>/<store stem>.labels.<name>.h5``, e.g. ``cache/m-448-last/train.labels.eps.h5``."""
+    return store.path.parent / f"{store.path.stem}.labels.{name}.h5"
+
+
+@dataclass
+class LabelStore:
+    """An imported label set (read-only view of the HDF5 file)."""
+
+    path: Path
+    name: str
+    kind: str
+    sparse: bool
+    canvas: int
+    labelled: np.ndarray  # (N,) bool: image has at least one labelled pixel
+    attrs: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: Path) -> LabelStore:
+        try:
+            with h5py.File(path, "r") as f:
+                attrs = {k: _decode(v) for k, v in f.attrs.items()}
+                labelled = f["pixel_count"][...] > 0
+                canvas = int(f["masks"].shape[-1])
+        except (OSError, KeyError) as exc:
+            raise StoreError(f"{path} is not a readable ssvt label store ({exc}); delete it to re-import") from None
+        if attrs.get("ssvt_label_schema", 0) > LABEL_SCHEMA:
+            raise StoreError(f"{path} has label schema {attrs['ssvt_label_schema']}, newer than this ssvt; upgrade ssvt")
+        return cls(path, attrs["name"], attrs["kind"], bool(attrs["sparse"]), canvas, labelled, attrs)
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.attrs["sha256"])
+
+    def masks(self, indices: np.ndarray) -> np.ndarray:
+        """(n, S, S) uint8 canvas labels for store indices ``indices`` (any order)."""
+        with h5py.File(self.path, "r") as f:
+            ds = f["masks"]
+            return np.stack([ds[int(i)] for i in indices]) if len(indices) else np.empty((0, self.canvas, self.canvas), np.uint8)
+
+    def image_labels(self) -> np.ndarray | None:
+        """(N, 20) float32 multi-hot for image-level sets (cls-labels), else None."""
+        with h5py.File(self.path, "r") as f:
+            return f["image_labels"][...] if "image_labels" in f else None
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, bytes | str) and str(value)[:1] in "[{":
+        return json.loads(value)
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def source_fingerprint(source: LabelSource) -> str:
+    """SHA-256 over the source's files: names, sizes and modification times (folders) or the bytes
+    (single files), so a changed source is noticed without re-reading every mask."""
+    h = hashlib.sha256(source.kind.encode())
+    for path in (source.path, source.background):
+        if path is None:
+            continue
+        if path.is_dir():
+            for entry in sorted(os.scandir(path), key=lambda e: e.name):
+                st = entry.stat()
+                h.update(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        elif path.is_file():
+            h.update(path.read_bytes())
+        else:
+            raise LabelError(f"label source {source.name!r}: {path} does not exist; fix [labels.{source.name}] path in ssvt.toml")
+    return h.hexdigest()
+
+
+def ensure_labels(source: LabelSource, store: FeatureStore, *, num_classes: int, strict: bool = False,
+                  progress: Callable[[int, int], None] | None = None) -> LabelStore:  # fmt: skip
+    """The label set for ``store``, imported now if missing or if the source or the store changed."""
+    path = label_path(store, source.name)
+    fp = source_fingerprint(source)
+    if path.exists():
+        existing = LabelStore.open(path)
+        if existing.attrs.get("source_sha256") == fp and existing.attrs.get("store_fingerprint") == store.fingerprint():
+            return existing
+        log.warning("label source %r or its feature store changed since import; re-importing", source.name)
+    return import_labels(source, store, num_classes=num_classes, strict=strict, progress=progress, source_sha256=fp)
+
+
+def import_labels(source: LabelSource, store: FeatureStore, *, num_classes: int, strict: bool = False,
+                  progress: Callable[[int, int], None] | None = None, source_sha256: str | None = None) -> LabelStore:  # fmt: skip
+    """Read every label of ``source`` for the store's images and write the HDF5 label store.
+
+    Written to a temporary file and renamed when complete, so a crash never leaves half a label set.
+    """
+    reader = _Reader(source, num_classes)
+    geoms, status, ids, s = store.geometries(), store.status(), store.ids, store.size
+    path = label_path(store, source.name)
+    tmp = path.with_suffix(".h5.tmp")
+    digest = hashlib.sha256()
+    counts = np.zeros(len(ids), dtype=np.int64)
+    hist = np.zeros(num_classes, dtype=np.int64)
+    missing: list[str] = []
+    try:
+        with h5py.File(tmp, "w") as f:
+            masks = f.create_dataset("masks", (len(ids), s, s), dtype=np.uint8, chunks=(1, s, s), compression="lzf", fillvalue=IGNORE)
+            for i, image_id in enumerate(ids):
+                canvas = reader.canvas(image_id, geoms[i]) if status[i] == 1 else None
+                if canvas is None:
+                    missing.append(image_id)
+                    canvas = np.full((s, s), IGNORE, dtype=np.uint8)
+                masks[i] = canvas
+                digest.update(canvas.tobytes())
+                valid = canvas[canvas != IGNORE]
+                counts[i] = valid.size
+                hist += np.bincount(valid, minlength=num_classes)[:num_classes]
+                if progress:
+                    progress(i + 1, len(ids))
+            _check_coverage(source, store, missing, reader, strict)
+            f.create_dataset("pixel_count", data=counts)
+            f.create_dataset("class_histogram", data=hist)
+            if reader.image_level is not None:
+                f.create_dataset("image_labels", data=reader.image_level_rows(ids))
+            content = counts.sum() / max(1, sum(g.resized_height * g.resized_width for g, st in zip(geoms, status, strict=True) if st == 1))
+            attrs = {
+                "ssvt_label_schema": LABEL_SCHEMA, "ssvt_version": __version__, "name": source.name, "kind": source.kind,
+                "sparse": source.kind in SPARSE_KINDS, "source": str(source.path),
+                "source_background": str(source.background or ""), "source_sha256": source_sha256 or source_fingerprint(source),
+                "store_fingerprint": store.fingerprint(), "sha256": digest.hexdigest(), "num_classes": num_classes,
+                "images": len(ids), "images_labelled": int((counts > 0).sum()), "images_without_label": len(missing),
+                "labelled_fraction": float(content), "class_histogram": json.dumps(hist.tolist()),
+                "points_dropped": reader.dropped, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }  # fmt: skip
+            f.attrs.update(attrs)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if missing:
+        log.warning("%d of %d images have no label in %r and are left out of training", len(missing), len(ids), source.name)
+    return LabelStore.open(path)
+
+
+def _check_coverage(source: LabelSource, store: FeatureStore, missing: list[str], reader: _Reader, strict: bool) -> None:
+    if reader.image_level is not None:
+        if not set(store.ids) & set(reader.image_level):
+            raise LabelError(f"label source {source.name!r} ({source.path}) has no entry for any image id of {store.path}")
+        return
+    if len(missing) == store.n_images:
+        raise LabelError(
+            f"label source {source.name!r} ({source.path}) has no label for any of the {store.n_images} images of "
+            f"{store.path} (first id {store.ids[0]!r}); do the file names match the image ids?"
+        )
+    if missing and strict:
+        raise LabelError(f"{len(missing)} images have no label in {source.name!r} (first: {missing[0]}); --strict stops here")
+
+
+class _Reader:
+    """Reads one image's label from a source of any kind and places it on the canvas."""
+
+    def __init__(self, source: LabelSource, num_classes: int):
+        self.source, self.num_classes, self.dropped = source, num_classes, 0
+        self.points: dict[str, list[readers.Point]] | None = None
+        self.image_level: dict[str, np.ndarray] | None = None
+        if source.kind == "points-json":
+            self.points = readers.read_points_json(source.path, source.background)
+        elif source.kind == "cls-labels":
+            self.image_level = readers.read_cls_labels(source.path)
+
+    def canvas(self, image_id: str, geom: Geometry) -> np.ndarray | None:
+        kind, folder = self.source.kind, self.source.path
+        if kind == "cls-labels":
+            return None
+        if kind == "points-json":
+            assert self.points is not None
+            if image_id not in self.points:
+                return None
+            self._check(np.array([p.class_id for p in self.points[image_id]], dtype=np.int64), f"{folder} [{image_id}]")
+            canvas, dropped = readers.draw_points(self.points[image_id], geom)
+            self.dropped += dropped
+            return canvas
+        if kind == "scribble-xml":
+            xml = folder / f"{image_id}.xml"
+            if not xml.exists():
+                return None
+            strokes, _ = readers.read_scribble_xml(xml)
+            self._check(np.array([s.class_id for s in strokes], dtype=np.int64), str(xml))
+            canvas, dropped = readers.draw_strokes(strokes, geom)
+            self.dropped += dropped
+            return canvas
+        path = readers.find_mask(folder, image_id)
+        if path is None:
+            return None
+        mask = readers.read_mask(path)
+        if mask.shape != (geom.height, geom.width):
+            raise LabelError(f"{path} is {mask.shape[1]}x{mask.shape[0]} but its image is {geom.width}x{geom.height} (W x H)")
+        self._check(mask, str(path))
+        return sparse_mask_to_canvas(mask, geom) if kind == "scribble-png" else mask_to_canvas(mask, geom)
+
+    def _check(self, values: np.ndarray, where: str) -> None:
+        bad = np.unique(values[(values >= self.num_classes) & (values != IGNORE)])
+        if bad.size:
+            raise LabelError(f"{where}: label values {bad[:10].tolist()} are neither classes 0..{self.num_classes - 1} nor {IGNORE}")
+
+    def image_level_rows(self, ids: list[str]) -> np.ndarray:
+        assert self.image_level is not None
+        width = len(next(iter(self.image_level.values())))
+        return np.stack([self.image_level.get(i, np.zeros(width, np.float32)) for i in ids]).astype(np.float32)
+
+
+def sparse_mask_to_canvas(mask: np.ndarray, geom: Geometry) -> np.ndarray:
+    """A rasterised sparse label (H, W), 255 = unlabelled -> canvas, each labelled pixel moved to its
+    nearest canvas pixel, so thin strokes survive downscaling (a nearest resize would drop them)."""
+    ys, xs = np.nonzero(mask != IGNORE)
+    out = np.full((geom.canvas, geom.canvas), IGNORE, dtype=np.uint8)
+    if ys.size:
+        xy = np.rint(points_to_canvas(np.stack([xs, ys], axis=1), geom)).astype(np.int64)
+        x = np.clip(xy[:, 0], geom.pad_left, geom.pad_left + geom.resized_width - 1)
+        y = np.clip(xy[:, 1], geom.pad_top, geom.pad_top + geom.resized_height - 1)
+        out[y, x] = mask[ys, xs]
+    return out

@@ -1,0 +1,223 @@
+"""Stage two: train a light head on cached patch tokens with (imperfect) labels.
+
+Usage::
+
+    store = FeatureStore.open("cache/dinov2_vitl14-448-last/train.zarr")
+    labels = open_labels(store, "eps")
+    result = train_head(store, labels, TrainConfig(labels="eps"), Path("runs/eps-bn-linear"))
+
+The features are loaded once into memory (GPU memory when training on a GPU) when they fit, else
+streamed shard by shard with shard-aligned shuffling; the choice is made here, not by the user.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from pipeline.config import TrainConfig
+from pipeline.errors import LabelError
+from pipeline.extract import pick_device
+from pipeline.heads import build_head
+from pipeline.labels import LabelStore
+from pipeline.losses import dense_loss, sparse_loss, subsampled_dense_loss
+from pipeline.store import FeatureStore
+
+log = logging.getLogger(__name__)
+
+#: Called with (step, total steps, running loss).
+TrainProgress = Callable[[int, int, float], None]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    epochs: int
+    images: int
+    seconds: float
+    in_memory: bool
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+
+def fits_in_memory(nbytes: int, device: torch.device) -> bool:
+    """Whether ``nbytes`` of features can live in GPU memory (CUDA) or RAM, with room to spare."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return nbytes < 0.6 * free
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # not on Linux: be conservative
+        available = 8 * 2**30
+    return nbytes < 0.5 * available
+
+
+class FeatureBatches:
+    """Batches of (positions into ``indices``, tokens (b, V, h, w, C) float16 on the device)."""
+
+    def __init__(self, store: FeatureStore, indices: np.ndarray, batch_size: int, device: torch.device, in_memory: bool):
+        self.store, self.indices, self.batch_size, self.device = store, indices, batch_size, device
+        self.in_memory = in_memory
+        self.tokens: torch.Tensor | None = None
+        if in_memory:
+            self.tokens = self._load_all()
+
+    def _load_all(self) -> torch.Tensor:
+        shape = (len(self.indices), self.store.n_views, *self.store.grid, self.store.channels)
+        out = torch.empty(shape, dtype=torch.float16, device=self.device)
+        buffer = np.empty((1, *shape[1:]), dtype=np.float16)
+        for pos, index in enumerate(self.indices.tolist()):
+            self.store.read_tokens(index, index + 1, out=buffer)
+            out[pos] = torch.from_numpy(buffer[0]).to(self.device)
+        return out
+
+    def epoch(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.tokens is not None:
+            order = torch.randperm(len(self.indices), generator=generator)
+            for i in range(0, len(order), self.batch_size):
+                pos = order[i : i + self.batch_size]
+                yield pos, self.tokens[pos.to(self.device)]
+            return
+        yield from self._stream(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+
+    def _stream(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        position = {int(index): pos for pos, index in enumerate(self.indices)}
+        pending_pos: list[int] = []
+        pending: list[np.ndarray] = []
+        for idx, tokens in self.store.iter_shards(shuffle_seed=seed):
+            for j, index in enumerate(idx.tolist()):
+                if index in position:
+                    pending_pos.append(position[index])
+                    pending.append(tokens[j].copy())  # the store reuses its buffer
+                if len(pending) == self.batch_size:
+                    yield self._to_batch(pending_pos, pending)
+                    pending_pos, pending = [], []
+        if pending:
+            yield self._to_batch(pending_pos, pending)
+
+    def _to_batch(self, pos: list[int], tokens: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tensor(pos), torch.from_numpy(np.stack(tokens)).to(self.device, non_blocking=True)
+
+
+def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
+    """Linear warm-up over ``cfg.warmup`` of training, then cosine or poly (power 0.9) decay."""
+    warm = int(cfg.warmup * total)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, total - warm)
+        return 0.5 * (1 + math.cos(math.pi * t)) if cfg.schedule == "cosine" else (1 - t) ** 0.9
+
+    return factor
+
+
+def training_images(store: FeatureStore, labels: LabelStore) -> np.ndarray:
+    """Store indices that were extracted and carry at least one labelled pixel."""
+    usable = (store.status() == 1) & labels.labelled
+    left_out = int((~labels.labelled).sum())
+    if left_out:
+        log.info("%d of %d images have no label in %r and are left out", left_out, store.n_images, labels.name)
+    indices = np.flatnonzero(usable)
+    if not len(indices):
+        raise LabelError(f"label set {labels.name!r} labels none of the {store.n_images} images of {store.path}")
+    return indices
+
+
+def train_head(
+    store: FeatureStore,
+    labels: LabelStore,
+    cfg: TrainConfig,
+    run_dir: Path,
+    *,
+    num_classes: int,
+    progress: TrainProgress | None = None,
+) -> TrainResult:
+    """Train ``cfg.head`` on ``store``'s tokens and ``labels`` and write the run folder (see README)."""
+    device = pick_device(cfg.device)
+    indices = training_images(store, labels)
+    masks = torch.from_numpy(labels.masks(indices)).to(device)  # (n, S, S) uint8, 255 = ignore
+    nbytes = len(indices) * store.n_views * store.grid[0] * store.grid[1] * store.channels * 2
+    in_memory = cfg.memory == "ram" or (cfg.memory == "auto" and fits_in_memory(nbytes, device))
+    torch.manual_seed(cfg.seed)
+    head = build_head(cfg.head, store.channels, num_classes, n_layers=len(store.layers)).to(device)
+    batches = FeatureBatches(store, indices, cfg.batch_size, device, in_memory)
+    steps_per_epoch = math.ceil(len(indices) / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    optim = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg, total))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    history: dict[str, list[float]] = {"step": [], "loss": [], "lr": []}
+    use_flip = cfg.flip and store.n_views > 1
+    began, step, running = time.perf_counter(), 0, float("nan")
+    head.train()
+    for _ in range(cfg.epochs):
+        for pos, tokens in batches.epoch(generator):
+            view = torch.randint(0, 2, (len(pos),), generator=generator) if use_flip else torch.zeros(len(pos), dtype=torch.long)
+            target = masks[pos.to(device)]
+            flipped = (view == 1).to(device)
+            target = torch.where(flipped[:, None, None], target.flip(-1), target)
+            logits = head(tokens[torch.arange(len(pos), device=device), view.to(device)])
+            loss = _loss(logits, target, labels.sparse, cfg.pixels_per_image, generator)
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+            sched.step()
+            step += 1
+            value = float(loss.detach())
+            running = value if math.isnan(running) else 0.9 * running + 0.1 * value
+            history["step"].append(step)
+            history["loss"].append(value)
+            history["lr"].append(sched.get_last_lr()[0])
+            if progress:
+                progress(step, total, running)
+    head.eval()
+    result = TrainResult(run_dir, step, cfg.epochs, len(indices), time.perf_counter() - began, in_memory, history)
+    write_run(run_dir, head, cfg, store, labels, num_classes, result)
+    return result
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor, sparse: bool, pixels: int | None, generator: torch.Generator) -> torch.Tensor:
+    if sparse:
+        return sparse_loss(logits, target)
+    if pixels is not None:
+        return subsampled_dense_loss(logits, target, pixels, generator)
+    return dense_loss(logits, target)
+
+
+def write_run(run_dir: Path, head: torch.nn.Module, cfg: TrainConfig, store: FeatureStore, labels: LabelStore, num_classes: int, result: TrainResult) -> None:
+    """head.safetensors, config.json (train + head config and the fingerprints used), history.json, curve.png."""
+    from pipeline.figures import curve_figure
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(run_dir / "head.safetensors"))
+    config: dict[str, Any] = {
+        "train": cfg.to_dict(),
+        "head": head.config,  # type: ignore[attr-defined]
+        "num_classes": num_classes,
+        "store": {"path": str(store.path), "fingerprint": store.fingerprint(), "identity": store_identity(store)},
+        "labels": {"name": labels.name, "kind": labels.kind, "path": str(labels.path), "fingerprint": labels.fingerprint},
+        "result": {"steps": result.steps, "epochs": result.epochs, "images": result.images,
+                   "seconds": round(result.seconds, 3), "in_memory": result.in_memory},
+    }  # fmt: skip
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    (run_dir / "history.json").write_text(json.dumps(result.history))
+    curve_figure({"loss": result.history["loss"], "lr": result.history["lr"]}, run_dir / "curve.png")
+
+
+def store_identity(store: FeatureStore) -> dict[str, Any]:
+    """What a head depends on: backbone, weights, layers, canvas size, grid and channels."""
+    a = store.attrs
+    return {"backbone": a.get("backbone"), "weights_sha256": a.get("weights_sha256"), "layers": list(store.layers),
+            "size": store.size, "grid": list(store.grid), "channels": store.channels}  # fmt: skip

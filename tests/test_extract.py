@@ -1,0 +1,133 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import ExtractConfig
+from pipeline.data import find_images
+from pipeline.errors import DataError, StoreMismatchError
+from pipeline.extract import extract, shard_batches
+from pipeline.store import FeatureStore
+
+TINY = {"model": "vit_tiny_test", "random_init": True, "size": 56, "workers": 0, "batch_size": 3, "images_per_shard": 4}
+
+
+def arrays(path: Path) -> dict[str, np.ndarray]:
+    s = FeatureStore.open(path)
+    return {"tokens": s.read_tokens(0, s.n_images), "cls": s.read_cls(), "geometry": s.geometry(), "status": s.status()}
+
+
+def test_extract_writes_complete_store(toy, tmp_path):
+    items = find_images(toy.voc_root, "val")
+    out = tmp_path / "val.zarr"
+    seen = []
+    summary = extract(items, out, ExtractConfig(**TINY, flip=True), progress=lambda d, t: seen.append((d, t)))
+    s = FeatureStore.open(out)
+    assert s.is_complete() and s.n_images == 8 and s.n_views == 2 and s.grid == (4, 4) and s.channels == 48
+    assert summary.images_done == 8 and summary.shards_written == 2 and not summary.failed
+    assert seen[0] == (0, 8) and seen[-1] == (8, 8)
+    tokens = s.read_tokens(0, 8)
+    assert tokens.dtype == np.float16 and np.isfinite(tokens).all() and np.abs(tokens).sum() > 0
+    # Geometry row matches the image on disk.
+    h, w = np.asarray(Image.open(items[3].path)).shape[:2]
+    assert tuple(s.geometry()[3, :2]) == (h, w)
+    assert s.attrs["backbone"] == "vit_tiny_test" and s.attrs["layers"] == [2] and s.attrs["size"] == 56
+    # A rerun finds nothing to do.
+    again = extract(items, out, ExtractConfig(**TINY, flip=True))
+    assert again.images_done == 0 and again.shards_skipped == 2
+
+
+def test_flipped_view_is_the_model_on_the_mirrored_canvas(toy, tmp_path):
+    from pipeline.backbones import build_backbone
+    from pipeline.data import CanvasDataset
+
+    items = find_images(toy.voc_root, "val")[:2]
+    extract(items, tmp_path / "s.zarr", ExtractConfig(**TINY, flip=True))
+    s = FeatureStore.open(tmp_path / "s.zarr")
+    bb = build_backbone("vit_tiny_test", None, seed=0)
+    _, pixels, _, _ = CanvasDataset(items, 56, bb.mean, bb.std)[1]
+    ref, _ = bb(pixels.flip(-1)[None], (2,))
+    np.testing.assert_allclose(s.read_tokens(1, 2)[0, 1], ref[0].numpy(), atol=2e-3, rtol=1e-2)
+
+
+def test_settings_mismatch_is_refused_naming_differences(toy, tmp_path):
+    items = find_images(toy.voc_root, "val")
+    out = tmp_path / "val.zarr"
+    extract(items, out, ExtractConfig(**TINY))
+    with pytest.raises(StoreMismatchError, match=r"size: store has 56, this run has 112.*--overwrite"):
+        extract(items, out, ExtractConfig(**{**TINY, "size": 112}))
+    with pytest.raises(StoreMismatchError, match="weights_sha256"):
+        extract(items, out, ExtractConfig(**{**TINY, "seed": 1}))
+    with pytest.raises(StoreMismatchError, match="layers"):
+        extract(items, out, ExtractConfig(**{**TINY, "layers": "0,1"}))
+    summary = extract(items, out, ExtractConfig(**{**TINY, "size": 112}), overwrite=True)
+    assert summary.images_done == 8 and FeatureStore.open(out).size == 112
+
+
+def test_corrupt_image_reported_and_run_goes_on(toy, tmp_path):
+    items = find_images(toy.voc_root, "val")
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(Path(items[0].path).read_bytes()[:200])
+    items[5] = type(items[5])("broken", bad)
+    out = tmp_path / "s.zarr"
+    summary = extract(items, out, ExtractConfig(**TINY))
+    assert [p for p, _ in summary.failed] == [str(bad)]
+    s = FeatureStore.open(out)
+    assert s.is_complete() and s.status().tolist() == [1] * 5 + [2] + [1] * 2
+    assert np.abs(s.read_tokens(5, 6)).sum() == 0
+    with pytest.raises(DataError, match="broken.jpg"):
+        extract(items, tmp_path / "strict.zarr", ExtractConfig(**TINY, strict=True))
+    kept = FeatureStore.open(tmp_path / "strict.zarr")
+    assert kept.done_shards().tolist() == [True, False]  # the shard before the bad image is kept
+
+
+def test_batches_never_straddle_shards(toy, tmp_path):
+    items = find_images(toy.voc_root, "val")
+    extract(items, tmp_path / "s.zarr", ExtractConfig(**{**TINY, "images_per_shard": 3}))
+    s = FeatureStore.open(tmp_path / "s.zarr")  # shards [0, 3), [3, 6), [6, 8)
+    assert shard_batches(s, [0, 2], 2) == [[0, 1], [2], [6, 7]]
+
+
+KILL_SCRIPT = """
+import sys, time
+from pipeline.config import ExtractConfig
+from pipeline.data import find_images
+from pipeline.extract import extract
+cfg = ExtractConfig(model="vit_tiny_test", random_init=True, size=56, workers=0, batch_size=2, images_per_shard=2)
+slow = sys.argv[3] == "slow"
+extract(find_images(sys.argv[1], "train"), sys.argv[2], cfg, progress=lambda d, t: time.sleep(0.3 if slow and d else 0))
+"""
+
+
+def test_resume_after_kill_gives_identical_store(toy, tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(KILL_SCRIPT)
+    killed, clean = tmp_path / "killed.zarr", tmp_path / "clean.zarr"
+    proc = subprocess.Popen([sys.executable, str(script), str(toy.voc_root), str(killed), "slow"])
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if FeatureStore.exists(killed) and 2 <= FeatureStore.open(killed).done_shards().sum() < 8:
+                break
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    partial = FeatureStore.open(killed)
+    assert 2 <= partial.done_shards().sum() < 8, "the run was not killed part-way"
+    subprocess.run([sys.executable, str(script), str(toy.voc_root), str(killed), "fast"], check=True)
+    subprocess.run([sys.executable, str(script), str(toy.voc_root), str(clean), "fast"], check=True)
+    assert FeatureStore.open(killed).is_complete()
+    a, b = arrays(killed), arrays(clean)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    attrs_a = {k: v for k, v in FeatureStore.open(killed).attrs.items() if k != "created"}
+    attrs_b = {k: v for k, v in FeatureStore.open(clean).attrs.items() if k != "created"}
+    assert attrs_a == attrs_b
