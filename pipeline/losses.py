@@ -1,0 +1,193 @@
+"""Cross-entropy at label resolution on logits predicted at patch resolution (the DINOv2 protocol).
+
+The logits (B, K, h, w) are upsampled bilinearly (``align_corners=False``) to the labels' (H, W) and
+compared with the labels, 255 = ignore. With sparse labels (scribbles, points) almost every upsampled
+pixel is thrown away, so :func:`sparse_loss` evaluates the upsampling only at labelled pixels, with the
+same 4-tap formula PyTorch uses; it equals :func:`dense_loss` to float rounding, value and gradient::
+
+    loss = sparse_loss(logits, labels)             # == dense_loss(logits, labels), much cheaper
+    px = labelled_pixels(labels[i])                # precompute once per image, then per batch:
+    loss = samples_loss(logits, [px_0, px_1, ...], label_size=(S, S))
+
+With no labelled pixel in the batch every loss here returns a zero that is still attached to the graph
+(PyTorch's own mean over zero pixels would be NaN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import LabelError
+from pipeline.geometry import IGNORE, PATCH
+
+
+class PixelSamples(NamedTuple):
+    """Labelled pixels: four (N,) int64 tensors (batch item, row, column at label resolution, class)."""
+
+    batch_idx: torch.Tensor
+    y: torch.Tensor
+    x: torch.Tensor
+    target: torch.Tensor
+
+
+def _check_targets(target: torch.Tensor, num_classes: int) -> None:
+    if target.numel() and int(target.max()) >= num_classes:
+        raise LabelError(
+            f"label value {int(target.max())} is not a class of a {num_classes}-class head "
+            f"(expected 0..{num_classes - 1} or {IGNORE} = ignore)"
+        )
+
+
+def _zero(logits: torch.Tensor) -> torch.Tensor:
+    """A zero loss that keeps the graph (so ``backward()`` works on batches without labels)."""
+    return logits.sum() * 0.0
+
+
+def dense_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logits (B, K, h, w), labels (B, H, W) uint8/long, 255 = ignore -> mean CE over labelled pixels.
+
+    The reference: upsample all logits to (H, W), then ``F.cross_entropy(ignore_index=255)``.
+    """
+    labels = labels.long()
+    valid = labels[labels != IGNORE]
+    if valid.numel() == 0:
+        return _zero(logits)
+    _check_targets(valid, logits.shape[1])
+    up = F.interpolate(logits, size=tuple(labels.shape[-2:]), mode="bilinear", align_corners=False)
+    return F.cross_entropy(up, labels, ignore_index=IGNORE)
+
+
+def labelled_pixels(labels: torch.Tensor) -> PixelSamples:
+    """labels (B, H, W) or (H, W) uint8/long, 255 = ignore -> the labelled pixels, in raster order.
+
+    For a single (H, W) image ``batch_idx`` is all zeros (see :func:`stack_samples`).
+    """
+    if labels.dim() == 2:
+        labels = labels.unsqueeze(0)
+    if labels.dim() != 3:
+        raise LabelError(f"labels must be (B, H, W) or (H, W), got shape {tuple(labels.shape)}")
+    b, y, x = torch.nonzero(labels != IGNORE, as_tuple=True)
+    return PixelSamples(b, y, x, labels[b, y, x].long())
+
+
+def stack_samples(per_image: Sequence[PixelSamples]) -> PixelSamples:
+    """Per-image samples (each from one image) -> one batch; item ``i`` gets ``batch_idx = i``."""
+    if not per_image:
+        empty = torch.zeros(0, dtype=torch.long)
+        return PixelSamples(empty, empty, empty, empty)
+    batch = [torch.full_like(s.y, i) for i, s in enumerate(per_image)]
+    return PixelSamples(torch.cat(batch), *(torch.cat([getattr(s, f) for s in per_image]) for f in ("y", "x", "target")))
+
+
+def _source_taps(dst: torch.Tensor, in_size: int, out_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Destination indices (N,) -> (i0, i1, w0, w1): PyTorch's bilinear ``align_corners=False`` taps.
+
+    As in ATen's ``area_pixel_compute_source_index``: src = (dst + 0.5) * in/out - 0.5, clamped at 0;
+    i1 = i0 + 1 except at the last input index, where both taps read the edge value.
+    """
+    # ATen computes in the "opmath" type: float32 for float32/float16/bfloat16 logits, float64 for float64.
+    op = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = torch.tensor(in_size, dtype=op) / out_size
+    src = ((dst.to(op) + 0.5) * scale - 0.5).clamp_min(0.0)
+    i0 = src.long()  # truncation == floor, src >= 0
+    i1 = torch.where(i0 < in_size - 1, i0 + 1, i0)
+    w1 = (src - i0).clamp(0.0, 1.0)
+    return i0, i1, (1.0 - w1).to(dtype), w1.to(dtype)
+
+
+def upsampled_at(
+    logits: torch.Tensor,
+    batch_idx: torch.Tensor,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    label_size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """logits (B, K, h, w) -> (N, K): the bilinear upsampling to ``label_size`` (H, W), evaluated only
+    at pixels (batch_idx, y, x), each (N,). Equal to ``F.interpolate(logits, label_size, mode="bilinear",
+    align_corners=False)[batch_idx, :, y, x]``. ``label_size`` defaults to (14 h, 14 w)."""
+    bsz, k, h, w = logits.shape
+    out_h, out_w = label_size if label_size is not None else (PATCH * h, PATCH * w)
+    dev = logits.device
+    batch_idx, y, x = batch_idx.to(dev), y.to(dev), x.to(dev)
+    y0, y1, wy0, wy1 = _source_taps(y, h, out_h, logits.dtype)
+    x0, x1, wx0, wx1 = _source_taps(x, w, out_w, logits.dtype)
+    # Gather rows of a token-major copy: four (N, K) index_selects, whose backward is an index_add.
+    flat = logits.permute(0, 2, 3, 1).reshape(bsz * h * w, k)
+    base = batch_idx * (h * w)
+    top = wx0[:, None] * flat.index_select(0, base + y0 * w + x0) + wx1[:, None] * flat.index_select(0, base + y0 * w + x1)
+    bot = wx0[:, None] * flat.index_select(0, base + y1 * w + x0) + wx1[:, None] * flat.index_select(0, base + y1 * w + x1)
+    return wy0[:, None] * top + wy1[:, None] * bot
+
+
+def point_sampled_loss(
+    logits: torch.Tensor,
+    coords: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    targets: torch.Tensor,
+    label_size: tuple[int, int] | None = None,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """CE of the upsampled logits at given pixels.
+
+    logits (B, K, h, w); coords = (batch_idx, y, x), each (N,) int at label resolution ``label_size``
+    (default (14 h, 14 w)); targets (N,) class ids (no 255). Mean over the N pixels, or, with
+    ``weights`` (N,), ``sum(weights * ce)``.
+    """
+    targets = targets.to(logits.device).long()
+    if targets.numel() == 0:
+        return _zero(logits)
+    _check_targets(targets, logits.shape[1])
+    picked = upsampled_at(logits, *coords, label_size=label_size)
+    if weights is None:
+        return F.cross_entropy(picked, targets)
+    ce = F.cross_entropy(picked, targets, reduction="none")
+    return (ce * weights.to(ce.device, ce.dtype)).sum()
+
+
+def samples_loss(
+    logits: torch.Tensor, samples: PixelSamples | Sequence[PixelSamples], label_size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """:func:`point_sampled_loss` on precomputed samples: one batch, or a list with one entry per batch
+    item (as :func:`labelled_pixels` gives for single images, precomputed once per image)."""
+    if not isinstance(samples, PixelSamples):
+        samples = stack_samples(samples)
+    return point_sampled_loss(logits, (samples.batch_idx, samples.y, samples.x), samples.target, label_size)
+
+
+def sparse_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logits (B, K, h, w), labels (B, H, W), 255 = ignore -> the same value as :func:`dense_loss`,
+    computing the upsampled logits only at labelled pixels."""
+    return samples_loss(logits, labelled_pixels(labels), label_size=(labels.shape[-2], labels.shape[-1]))
+
+
+def subsampled_dense_loss(
+    logits: torch.Tensor, labels: torch.Tensor, n_pixels: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """An unbiased estimate of :func:`dense_loss` from at most ``n_pixels`` labelled pixels per image.
+
+    Each image keeps a uniform random subset of n_i = min(n_pixels, N_i) of its N_i labelled pixels,
+    each weighted by N_i / (n_i * sum N), so the expectation is the mean over all labelled pixels;
+    with ``n_pixels >= N_i`` for every image it equals :func:`dense_loss` exactly. ``generator`` is a
+    CPU generator (the selection happens on the labels' device via CPU random keys).
+    """
+    if n_pixels <= 0:
+        raise ValueError(f"n_pixels must be positive, got {n_pixels}")
+    px = labelled_pixels(labels)
+    counts = torch.bincount(px.batch_idx, minlength=labels.shape[0])
+    if px.y.numel() == 0:
+        return _zero(logits)
+    # Random rank of each pixel within its image: sort by (image, random key), rank = position - start.
+    keys = torch.rand(px.y.numel(), generator=generator).to(px.y.device)
+    order = torch.argsort(px.batch_idx.to(torch.float64) * 2.0 + keys.to(torch.float64))
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device) - starts[px.batch_idx[order]]
+    keep = rank < n_pixels
+    b = px.batch_idx[keep]
+    kept = counts.clamp(max=n_pixels)
+    weights = counts[b].double() / (kept[b].double() * counts.sum().double())
+    coords = (b, px.y[keep], px.x[keep])
+    return point_sampled_loss(logits, coords, px.target[keep], (labels.shape[-2], labels.shape[-1]), weights=weights)
