@@ -120,6 +120,8 @@ def _registry() -> dict[str, BackboneSpec]:
 
 
 _REGISTRY = _registry()
+#: Read-only view of the registry: name -> spec.
+BACKBONES: Mapping[str, BackboneSpec] = types.MappingProxyType(_REGISTRY)
 
 #: HF config fields that ``overrides`` may change (architecture only).
 OVERRIDABLE = frozenset(

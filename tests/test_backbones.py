@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from transformers import Dinov2Model, Dinov2WithRegistersModel
 
 from pipeline.backbones import (
+    BACKBONES,
     PRETRAINED,
     Backbone,
     build_backbone,
@@ -262,7 +263,8 @@ def test_every_entry_builds_small(name):
 
 def test_list_backbones_has_all_hub_names():
     hub = [f"dinov2_vit{x}14{r}" for x in "sblg" for r in ("", "_reg")]
-    assert set(hub) | {"vit_tiny_test", "vit_tiny_test_reg"} == set(list_backbones())
+    assert set(hub) | {"vit_tiny_test", "vit_tiny_test_reg"} == set(list_backbones()) == set(BACKBONES)
+    assert all(BACKBONES[name] == get_spec(name) for name in hub)
 
 
 def test_unknown_name_lists_valid_ones():
