@@ -1,0 +1,467 @@
+"""The feature store: cached backbone tokens in a zarr v3 group. The only module that imports zarr.
+
+A store holds, for N images and V views (e.g. original and horizontally flipped canvas), the
+(h, w, C) float16 token grid of every image, its CLS token, its canvas geometry and a status byte.
+cache_layout.md is the on-disk contract. Tokens are uncompressed, one chunk per image view, many
+images per shard; a shard is written whole by one writer and then marked done, so several processes
+may fill disjoint shards of one store at the same time. Usage::
+
+    store = FeatureStore.create(path, ids=ids, views=["original"], grid=(32, 32), channels=1024, attrs=attrs)
+    for shard in store.missing_shards():
+        store.write_shard(shard, tokens, cls, geometry, status)   # (n, V, 32, 32, 1024) float16, ...
+    for indices, tokens in FeatureStore.open(path).iter_shards(shuffle_seed=0):
+        ...                                                       # tokens is a reused buffer
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import zarr
+from zarr.buffer.cpu import NDBuffer
+
+from pipeline import __version__
+from pipeline.errors import StoreError
+
+if TYPE_CHECKING:
+    from zarr.core.array_spec import ArrayConfigParams
+
+    from pipeline.geometry import Geometry
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+STATUS_MISSING, STATUS_OK, STATUS_FAILED = 0, 1, 2
+STATUS_CODES = {STATUS_MISSING: "not written", STATUS_OK: "ok", STATUS_FAILED: "failed to decode (features zero)"}
+
+# Runtime settings, not stored in the metadata, so they are applied on every open: an all-zero image
+# (a failed decode) is still written, and no chunk pays an emptiness check.
+_ARRAY_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
+_REQUIRED: dict[str, type | tuple[type, ...]] = {"backbone": str, "layers": (list, tuple), "size": int}
+_CHECKED = ("ssvt_schema", "grid", "channels", "views", "dtype", "images_per_shard", "n_images")
+_OWNED = (*_CHECKED, "ssvt_version", "created", "ids", "sources")
+_FINGERPRINT_KEYS = ("backbone", "weights_sha256", "layers", "size", "views")
+_INFO_KEYS = ("weights_sha256", "weights_source", "normalization", "ssvt_schema", "ssvt_version", "created")
+
+
+def default_images_per_shard(grid: tuple[int, int], channels: int, views: int, target_bytes: int = 128 * 2**20) -> int:
+    """Images per shard so that a full tokens shard holds about ``target_bytes`` (at least 1)."""
+    per_image = views * grid[0] * grid[1] * channels * 2
+    return max(1, round(target_bytes / per_image))
+
+
+_SPACE, _PERMISSION = "free space or choose --out elsewhere", "fix the permissions or choose --out elsewhere"
+_OS_ERRORS = {
+    errno.ENOSPC: ("disk full", _SPACE),
+    errno.EDQUOT: ("disk quota exceeded", _SPACE),
+    errno.EACCES: ("permission denied", _PERMISSION),
+    errno.EPERM: ("permission denied", _PERMISSION),
+    errno.EROFS: ("read-only file system", "choose --out elsewhere"),
+    errno.ENOTDIR: ("a file is in the way of a folder", "choose another --out"),
+    errno.EEXIST: ("a file is in the way of a folder", "choose another --out"),
+}
+
+
+@contextmanager
+def _io_errors(action: str) -> Iterator[None]:
+    """Turn an OSError from the file system into a StoreError that says what to do."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except OSError as e:
+        what, todo = _OS_ERRORS.get(e.errno or 0, ("error", "check the path and the disk"))
+        raise StoreError(f"{what} while {action}: {todo} ({e})") from e
+
+
+def _check_json(key: str, value: Any) -> None:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise StoreError(f"store attribute {key!r} must be plain JSON (str/int/float/list/dict): {e}") from e
+
+
+def _store_attrs(
+    ids: Sequence[str],
+    views: Sequence[str],
+    grid: tuple[int, int],
+    channels: int,
+    attrs: dict[str, Any],
+    images_per_shard: int,
+    sources: Sequence[str] | None,
+) -> dict[str, Any]:
+    """Validate the inputs of :meth:`FeatureStore.create`; return the group attributes."""
+    from pipeline.geometry import PATCH  # imported late: geometry imports torch, store writers need not
+
+    for key, kind in _REQUIRED.items():
+        if not isinstance(attrs.get(key), kind):
+            raise StoreError(f"store attribute {key!r} is missing or has the wrong type: {attrs.get(key)!r}")
+    layers, size = attrs["layers"], attrs["size"]
+    if not layers or not all(isinstance(x, int) for x in layers):
+        raise StoreError(f"store attribute 'layers' must be a non-empty list of ints, got {layers!r}")
+    if size <= 0 or size % PATCH or tuple(grid) != (size // PATCH, size // PATCH):
+        raise StoreError(f"grid {tuple(grid)} does not fit size {size}: expected ({size // PATCH}, {size // PATCH})")
+    if channels <= 0:
+        raise StoreError(f"channels must be positive, got {channels}")
+    if not ids or not all(isinstance(i, str) and i for i in ids):
+        raise StoreError("ids must be a non-empty list of non-empty strings")
+    if len(set(ids)) != len(ids):
+        dup = next(i for i, count in Counter(ids).items() if count > 1)
+        raise StoreError(f"ids must be distinct: {dup!r} appears more than once")
+    if not views or len(set(views)) != len(views) or not all(isinstance(v, str) and v for v in views):
+        raise StoreError(f"views must be distinct non-empty names, got {list(views)!r}")
+    if sources is not None and len(sources) != len(ids):
+        raise StoreError(f"got {len(sources)} sources for {len(ids)} ids")
+    owned = {
+        "ssvt_schema": SCHEMA_VERSION,
+        "ssvt_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "grid": [int(grid[0]), int(grid[1])],
+        "channels": int(channels),
+        "views": list(views),
+        "dtype": "float16",
+        "images_per_shard": int(images_per_shard),
+        "n_images": len(ids),
+        "ids": list(ids),
+        "sources": None if sources is None else [str(s) for s in sources],
+    }
+    for key in _CHECKED:  # a caller may repeat what the store computes, but not contradict it
+        if key in attrs and json.loads(json.dumps(attrs[key])) != owned[key]:
+            raise StoreError(f"store attribute {key!r} is {attrs[key]!r} but the store computes {owned[key]!r}")
+    out = {k: v for k, v in attrs.items() if k not in _OWNED}
+    for key, value in out.items():
+        _check_json(key, value)
+    out["layers"] = list(layers)
+    return {**out, **owned}
+
+
+def _create_arrays(group: zarr.Group, n: int, image_shape: tuple[int, ...], shard: int) -> None:
+    """Create every array of a new store (metadata only; no chunk is written)."""
+    from pipeline.geometry import GEOMETRY_COLUMNS
+
+    v, c = image_shape[0], image_shape[-1]
+    common: dict[str, Any] = {"compressors": None, "fill_value": 0, "config": _ARRAY_CONFIG}
+    group.create_array(
+        "tokens", shape=(n, *image_shape), dtype="float16", chunks=(1, 1, *image_shape[1:]),
+        shards=(shard, *image_shape), dimension_names=("image", "view", "row", "col", "channel"), **common,
+    )  # fmt: skip
+    group.create_array("cls", shape=(n, v, c), dtype="float16", chunks=(shard, v, c), **common)
+    geometry = group.create_array("geometry", shape=(n, 6), dtype="int32", chunks=(shard, 6), **common)
+    geometry.attrs["columns"] = list(GEOMETRY_COLUMNS)
+    status = group.create_array("status", shape=(n,), dtype="uint8", chunks=(shard,), **common)
+    status.attrs["codes"] = {str(k): v for k, v in STATUS_CODES.items()}
+    n_shards = -(-n // shard)
+    group.create_array("shard_done", shape=(n_shards,), dtype="uint8", chunks=(1,), **common)
+
+
+class FeatureStore:
+    """An open feature store. Build one with :meth:`create` or :meth:`open`, not the constructor.
+
+    Attributes: ``path``, ``attrs`` (the group attributes without ``ids``/``sources``), ``ids``,
+    ``sources`` (or None), ``n_images``, ``views``, ``n_views``, ``grid`` (h, w), ``channels``,
+    ``images_per_shard``, ``n_shards``, ``size``, ``layers``, ``backbone``, ``mode``.
+    """
+
+    def __init__(self, path: Path, group: zarr.Group, mode: Literal["r", "r+"]) -> None:
+        meta: dict[str, Any] = dict(group.attrs)
+        self.path, self.mode = path, mode
+        self.ids: list[str] = list(meta.pop("ids"))
+        self.sources: list[str] | None = meta.pop("sources", None)
+        self.attrs: dict[str, Any] = meta
+        self.n_images = len(self.ids)
+        self.views: list[str] = list(meta["views"])
+        self.n_views = len(self.views)
+        self.grid: tuple[int, int] = (int(meta["grid"][0]), int(meta["grid"][1]))
+        self.channels = int(meta["channels"])
+        self.images_per_shard = int(meta["images_per_shard"])
+        self.n_shards = -(-self.n_images // self.images_per_shard)
+        self.size = int(meta["size"])
+        self.layers: list[int] = list(meta["layers"])
+        self.backbone: str = meta["backbone"]
+        self._image_shape = (self.n_views, *self.grid, self.channels)
+        expected = {
+            "tokens": (self.n_images, *self._image_shape),
+            "cls": (self.n_images, self.n_views, self.channels),
+            "geometry": (self.n_images, 6),
+            "status": (self.n_images,),
+            "shard_done": (self.n_shards,),
+        }
+        self._arrays: dict[str, Any] = {}
+        for name, shape in expected.items():
+            arr = group.get(name)
+            if not isinstance(arr, zarr.Array) or arr.shape != shape:
+                found = getattr(arr, "shape", "nothing")
+                raise StoreError(
+                    f"{path} is damaged: array {name!r} should be {shape}, found {found}; "
+                    "remove it and extract again (--overwrite)"
+                )
+            self._arrays[name] = arr.with_config(_ARRAY_CONFIG)
+
+    # -- creating and opening ---------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        ids: Sequence[str],
+        views: Sequence[str],
+        grid: tuple[int, int],
+        channels: int,
+        attrs: dict[str, Any],
+        images_per_shard: int | None = None,
+        sources: Sequence[str] | None = None,
+    ) -> FeatureStore:
+        """Create an empty store (all metadata, no data) and return it open for writing ("r+").
+
+        The metadata is built in a temporary folder and renamed into place, so a path either holds a
+        whole store or nothing. An existing path is refused: the caller removes it (--overwrite).
+        """
+        path = Path(path)
+        if path.exists() or path.is_symlink():
+            raise StoreError(f"{path} already exists: pass --overwrite to replace it, or choose another --out")
+        per_shard = images_per_shard or default_images_per_shard(grid, channels, len(views))
+        if per_shard < 1:
+            raise StoreError(f"images_per_shard must be positive, got {per_shard}")
+        per_shard = min(per_shard, max(1, len(ids)))
+        meta = _store_attrs(ids, views, grid, channels, attrs, per_shard, sources)
+        tmp = path.parent / f".{path.name}.creating-{os.getpid()}"
+        try:
+            with _io_errors(f"creating {path}"):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                group = zarr.open_group(str(tmp), mode="w-", zarr_format=3, attributes=meta)
+                _create_arrays(group, len(ids), (len(views), *grid, channels), per_shard)
+                os.rename(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("created %s: %d images, %d per shard", path, len(ids), per_shard)
+        return cls.open(path, mode="r+")
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], mode: Literal["r", "r+"] = "r") -> FeatureStore:
+        """Open an existing store for reading ("r") or for writing shards ("r+")."""
+        path = Path(path)
+        if mode not in ("r", "r+"):
+            raise StoreError(f"mode must be 'r' or 'r+', got {mode!r}")
+        if not path.exists():
+            raise StoreError(f"no feature store at {path}: run `ssvt extract` to create it")
+        try:
+            group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+            schema = group.attrs.get("ssvt_schema")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise StoreError(f"{path} is not an ssvt feature store ({type(e).__name__}: {e})") from e
+        if not isinstance(schema, int):
+            raise StoreError(f"{path} is a zarr group but not an ssvt feature store (no 'ssvt_schema' attribute)")
+        if schema > SCHEMA_VERSION:
+            raise StoreError(
+                f"{path} has schema {schema} but this ssvt ({__version__}) reads up to {SCHEMA_VERSION}: "
+                "upgrade ssvt, or extract again with this version"
+            )
+        try:
+            return cls(path, group, mode)
+        except (KeyError, TypeError, ValueError, ArithmeticError) as e:
+            raise StoreError(f"{path} has damaged metadata ({e}); remove it and extract again (--overwrite)") from e
+
+    @staticmethod
+    def exists(path: str | os.PathLike[str]) -> bool:
+        """True if ``path`` holds a zarr group (complete or not); see :meth:`is_complete`."""
+        return (Path(path) / "zarr.json").is_file()
+
+    @staticmethod
+    def remove(path: str | os.PathLike[str]) -> None:
+        """Delete a store (used by --overwrite). Refuses anything but a zarr group or an empty folder."""
+        path = Path(path)
+        if not path.exists():
+            return
+        if not FeatureStore.exists(path) and not (path.is_dir() and not any(path.iterdir())):
+            raise StoreError(f"refusing to delete {path}: it is not a feature store (no zarr.json); remove it by hand")
+        with _io_errors(f"removing {path}"):
+            shutil.rmtree(path)
+        log.info("removed %s", path)
+
+    # -- shards -----------------------------------------------------------------------------------
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        """Image indices [start, stop) of ``shard``; the last shard may hold fewer images."""
+        if not 0 <= shard < self.n_shards:
+            raise StoreError(f"shard {shard} out of range: {self.path} has {self.n_shards} shards")
+        start = shard * self.images_per_shard
+        return start, min(start + self.images_per_shard, self.n_images)
+
+    def shard_of(self, index: int) -> int:
+        if not 0 <= index < self.n_images:
+            raise StoreError(f"image {index} out of range: {self.path} has {self.n_images} images")
+        return index // self.images_per_shard
+
+    def done_shards(self) -> np.ndarray:
+        """(n_shards,) bool, True where a shard was written completely (read fresh from disk)."""
+        return np.asarray(self._arrays["shard_done"][:]) == 1
+
+    def missing_shards(self) -> list[int]:
+        return [int(k) for k in np.flatnonzero(~self.done_shards())]
+
+    def is_complete(self) -> bool:
+        return bool(self.done_shards().all())
+
+    def write_shard(self, shard: int, tokens: np.ndarray, cls: np.ndarray, geometry: np.ndarray, status: np.ndarray) -> None:
+        """Write every array of one whole shard, then mark it done.
+
+        tokens: (n, V, h, w, C) float16; cls: (n, V, C) float16; geometry: (n, 6) int32 in
+        GEOMETRY_COLUMNS order; status: (n,) uint8, 1 = ok, 2 = failed (features zero); n = the
+        shard's image count. A crash before the mark leaves the shard missing, to be rewritten whole.
+        """
+        if self.mode != "r+":
+            raise StoreError(f"{self.path} is open read-only; open it with mode='r+' to write shards")
+        start, stop = self.shard_range(shard)
+        n, v, c = stop - start, self.n_views, self.channels
+        parts = {
+            "tokens": (tokens, (n, *self._image_shape), np.float16),
+            "cls": (cls, (n, v, c), np.float16),
+            "geometry": (geometry, (n, 6), np.int32),
+            "status": (status, (n,), np.uint8),
+        }
+        for name, (arr, shape, dtype) in parts.items():
+            if not isinstance(arr, np.ndarray) or arr.shape != shape or arr.dtype != dtype:
+                found = f"{arr.dtype}{arr.shape}" if isinstance(arr, np.ndarray) else f"a {type(arr).__name__}"
+                raise StoreError(f"shard {shard}: {name} is {found}, expected {np.dtype(dtype)}{shape}")
+        bad = ~np.isin(status, (STATUS_OK, STATUS_FAILED))
+        if bad.any():
+            raise StoreError(f"shard {shard}: status must be 1 (ok) or 2 (failed), got {status[bad][0]}")
+        failed = status == STATUS_FAILED
+        if tokens[failed].any() or cls[failed].any():
+            raise StoreError(f"shard {shard}: images with status 2 (failed) must have all-zero tokens and cls")
+        with _io_errors(f"writing shard {shard} of {self.path}"):
+            for name, (arr, _, _) in parts.items():
+                self._arrays[name][start:stop] = np.ascontiguousarray(arr)
+            self._arrays["shard_done"][shard : shard + 1] = np.ones(1, np.uint8)
+        log.debug("wrote shard %d (%d images) of %s", shard, n, self.path)
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def read_tokens(self, start: int, stop: int, view: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """Tokens of images [start, stop): (n, V, h, w, C) float16, or (n, h, w, C) for one view.
+
+        ``out``, if given, must be a C-contiguous float16 array of exactly that shape; it is filled
+        and returned. Read a few images per call: large single reads are slow (page faults).
+        """
+        if not 0 <= start <= stop <= self.n_images:
+            raise StoreError(f"image range [{start}, {stop}) out of bounds for {self.n_images} images")
+        if view is not None and not 0 <= view < self.n_views:
+            raise StoreError(f"view {view} out of range: the store has views {self.views}")
+        shape = (stop - start, *self._image_shape) if view is None else (stop - start, *self._image_shape[1:])
+        if out is None:
+            out = np.empty(shape, dtype=np.float16)
+        elif out.shape != shape or out.dtype != np.float16 or not out.flags.c_contiguous:
+            raise StoreError(f"out must be a C-contiguous float16 array of shape {shape}, got {out.dtype}{out.shape}")
+        selection = (slice(start, stop),) if view is None else (slice(start, stop), view)
+        with _io_errors(f"reading {self.path}"):
+            self._arrays["tokens"].get_basic_selection(selection, out=NDBuffer.from_numpy_array(out))
+        return out
+
+    def read_cls(self) -> np.ndarray:
+        """(N, V, C) float16 CLS tokens."""
+        return np.asarray(self._arrays["cls"][:])
+
+    def geometry(self) -> np.ndarray:
+        """(N, 6) int32, columns GEOMETRY_COLUMNS."""
+        return np.asarray(self._arrays["geometry"][:])
+
+    def geometries(self) -> list[Geometry]:
+        from pipeline.geometry import Geometry
+
+        return [Geometry.from_row(row, canvas=self.size) for row in self.geometry()]
+
+    def status(self) -> np.ndarray:
+        """(N,) uint8: 0 = not written, 1 = ok, 2 = failed to decode (features zero)."""
+        return np.asarray(self._arrays["status"][:])
+
+    def iter_shards(self, shuffle_seed: int | None = None, images_per_read: int = 8) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(indices (n,), tokens (n, V, h, w, C) float16)`` once per shard, covering every image.
+
+        With a seed, shard order and image order within each shard are shuffled (reproducibly). The
+        store must be complete. ``tokens`` is a view of ONE buffer reused for every shard: use or copy
+        it before asking for the next shard. Failed images (status 2) are included, as zeros.
+        """
+        if images_per_read < 1:
+            raise StoreError(f"images_per_read must be positive, got {images_per_read}")
+        missing = self.missing_shards()
+        if missing:
+            raise StoreError(
+                f"{self.path} is incomplete: {len(missing)} of {self.n_shards} shards not written "
+                f"(first: {missing[0]}); run `ssvt extract` again to resume"
+            )
+        rng = None if shuffle_seed is None else np.random.default_rng(shuffle_seed)
+        order = np.arange(self.n_shards) if rng is None else rng.permutation(self.n_shards)
+        buf = np.empty((min(self.images_per_shard, self.n_images), *self._image_shape), np.float16)
+        block = np.empty((images_per_read, *self._image_shape), np.float16)
+        for shard in order:
+            start, stop = self.shard_range(int(shard))
+            n = stop - start
+            perm = np.arange(n) if rng is None else rng.permutation(n)  # position j holds local image perm[j]
+            where = np.empty(n, dtype=np.intp)
+            where[perm] = np.arange(n)
+            for a in range(0, n, images_per_read):
+                b = min(n, a + images_per_read)
+                if rng is None:  # read straight into place
+                    self.read_tokens(start + a, start + b, out=buf[a:b])
+                else:  # contiguous reads are fast; scatter the small block into shuffled positions
+                    self.read_tokens(start + a, start + b, out=block[: b - a])
+                    buf[where[a:b]] = block[: b - a]
+            yield start + perm, buf[:n]
+
+    # -- description ------------------------------------------------------------------------------
+
+    def nbytes_on_disk(self) -> int:
+        """Bytes of every file under the store folder (data and metadata)."""
+        return sum((Path(root) / name).stat().st_size for root, _, files in os.walk(self.path) for name in files)
+
+    def raw_token_bytes(self) -> int:
+        """N * V * h * w * C * 2: the float16 token bytes alone."""
+        return self.n_images * int(np.prod(self._image_shape)) * 2
+
+    def label_sets(self) -> list[dict[str, str]]:
+        """Label stores next to this store: files ``<stem>.labels.<name>.h5`` in the same folder."""
+        prefix = f"{self.path.stem}.labels."
+        found = sorted(self.path.parent.glob(f"{prefix}*.h5"))
+        return [{"name": p.name[len(prefix) : -len(".h5")], "path": str(p)} for p in found]
+
+    def info(self) -> dict[str, Any]:
+        """A summary for `ssvt info`: model, grid, counts, completeness and sizes."""
+        status = self.status()
+        done = self.done_shards()
+        on_disk, raw = self.nbytes_on_disk(), self.raw_token_bytes()
+        return {
+            "path": str(self.path), "backbone": self.backbone, "layers": self.layers, "size": self.size,
+            "grid": list(self.grid), "channels": self.channels, "views": self.views, "n_images": self.n_images,
+            "ok": int((status == STATUS_OK).sum()), "failed": int((status == STATUS_FAILED).sum()),
+            "not_written": int((status == STATUS_MISSING).sum()),
+            "done_shards": int(done.sum()), "n_shards": self.n_shards, "complete": bool(done.all()),
+            "images_per_shard": self.images_per_shard,
+            "shard_bytes": self.images_per_shard * int(np.prod(self._image_shape)) * 2,
+            "bytes_on_disk": on_disk, "raw_token_bytes": raw, "overhead": on_disk / raw - 1.0,
+            **{key: self.attrs.get(key) for key in _INFO_KEYS},
+            "fingerprint": self.fingerprint(), "label_sets": self.label_sets(),
+        }  # fmt: skip
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the store's identity: backbone, weights, layers, size, views and ids.
+
+        Token bytes are not hashed; two stores of the same inputs share a fingerprint.
+        """
+        identity = {key: self.attrs.get(key) for key in _FINGERPRINT_KEYS}
+        identity["ids"] = self.ids
+        blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
