@@ -48,7 +48,10 @@ def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library messages.")] = False,
 ) -> None:
     _state["debug"] = debug
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.INFO if verbose else logging.WARNING)  # run folders still get INFO in train.log
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
 
 
 def errors_as_one_line(fn: F) -> F:
@@ -317,11 +320,12 @@ def _print_run(outcome: Any) -> None:
 
 
 def _print_eval(result: Any) -> None:
-    table = Table("class", "IoU", title=f"mIoU {100 * result.miou:.1f}  pixel accuracy {100 * result.pixel_accuracy:.1f}"
-                  f"  ({result.images} images{', flip TTA' if result.flip_tta else ''})", title_justify="left")  # fmt: skip
+    table = Table("class", "IoU %", title="per-class IoU", title_justify="left")
     for name, value in result.per_class_iou.items():
         table.add_row(name, "-" if value is None else f"{100 * value:.1f}")
     console.print(table)
+    tta = ", flip TTA" if result.flip_tta else ""
+    console.print(f"[bold]mIoU {100 * result.miou:.1f}[/]  pixel accuracy {100 * result.pixel_accuracy:.1f}  ({result.images} images{tta})")
     if result.skipped:
         err_console.print(Text(f"{len(result.skipped)} images without ground truth or features were skipped", style="yellow"))
 

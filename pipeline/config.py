@@ -92,7 +92,8 @@ SCHEDULES = ("cosine", "poly")
 class TrainConfig(_Dict):
     """Settings of one ``ssvt train-head`` run (AdamW, linear warm-up, then cosine or poly decay).
 
-    ``pixels_per_image`` trains dense labels on a random subset of labelled pixels per image (None:
+    Training runs ``epochs`` passes over the labelled images, or more when that is fewer than
+    ``min_steps`` optimiser steps (small datasets). ``pixels_per_image`` trains dense labels on a random subset of labelled pixels per image (None:
     all); sparse labels always use only their labelled pixels. ``flip`` uses the cached flipped view
     as augmentation when the store has one.
     """
@@ -100,6 +101,7 @@ class TrainConfig(_Dict):
     labels: str = "gt"
     head: str = "bn-linear"
     epochs: int = 30
+    min_steps: int = 300
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -112,7 +114,7 @@ class TrainConfig(_Dict):
     memory: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
+        if self.epochs < 1 or self.batch_size < 1 or self.min_steps < 0:
             raise ConfigError(f"epochs and batch size must be at least 1, got {self.epochs} and {self.batch_size}")
         if self.lr <= 0 or self.weight_decay < 0:
             raise ConfigError(f"learning rate must be positive and weight decay non-negative, got {self.lr}, {self.weight_decay}")

@@ -84,7 +84,9 @@ class LabelStore:
 
 
 def _decode(value: Any) -> Any:
-    if isinstance(value, bytes | str) and str(value)[:1] in "[{":
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str) and value.startswith(("[", "{")):
         return json.loads(value)
     return value.item() if isinstance(value, np.generic) else value
 

@@ -154,7 +154,7 @@ def train_head(
     head = build_head(cfg.head, store.channels, num_classes, n_layers=len(store.layers)).to(device)
     batches = FeatureBatches(store, indices, cfg.batch_size, device, in_memory)
     steps_per_epoch = math.ceil(len(indices) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
+    total = max(cfg.epochs * steps_per_epoch, cfg.min_steps)
     optim = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg, total))
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -162,8 +162,12 @@ def train_head(
     use_flip = cfg.flip and store.n_views > 1
     began, step, running = time.perf_counter(), 0, float("nan")
     head.train()
-    for _ in range(cfg.epochs):
+    epochs = 0
+    while step < total:
+        epochs += 1
         for pos, tokens in batches.epoch(generator):
+            if step == total:
+                break
             view = torch.randint(0, 2, (len(pos),), generator=generator) if use_flip else torch.zeros(len(pos), dtype=torch.long)
             target = masks[pos.to(device)]
             flipped = (view == 1).to(device)
@@ -183,7 +187,7 @@ def train_head(
             if progress:
                 progress(step, total, running)
     head.eval()
-    result = TrainResult(run_dir, step, cfg.epochs, len(indices), time.perf_counter() - began, in_memory, history)
+    result = TrainResult(run_dir, step, epochs, len(indices), time.perf_counter() - began, in_memory, history)
     write_run(run_dir, head, cfg, store, labels, num_classes, result)
     return result
 
