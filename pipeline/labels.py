@@ -116,9 +116,13 @@ def ensure_labels(source: LabelSource, store: FeatureStore, *, num_classes: int,
     fp = source_fingerprint(source)
     if path.exists():
         existing = LabelStore.open(path)
-        if existing.attrs.get("source_sha256") == fp and existing.attrs.get("store_fingerprint") == store.fingerprint():
+        recorded = tuple(existing.attrs.get(k) for k in ("source_sha256", "store_fingerprint", "num_classes"))
+        if recorded == (fp, store.fingerprint(), num_classes):
+            missing = existing.attrs["images_without_label"]
+            if strict and missing:  # an earlier lenient import must not let --strict pass
+                raise LabelError(f"{missing} images have no label in {source.name!r} ({path}); --strict stops here")
             return existing
-        log.warning("label source %r or its feature store changed since import; re-importing", source.name)
+        log.warning("label source %r, its feature store or the class count changed since import; re-importing", source.name)
     return import_labels(source, store, num_classes=num_classes, strict=strict, progress=progress, source_sha256=fp)
 
 
@@ -154,15 +158,18 @@ def import_labels(source: LabelSource, store: FeatureStore, *, num_classes: int,
             _check_coverage(source, store, missing, reader, strict)
             f.create_dataset("pixel_count", data=counts)
             f.create_dataset("class_histogram", data=hist)
-            if reader.image_level is not None:
-                f.create_dataset("image_labels", data=reader.image_level_rows(ids))
+            if reader.image_level is not None:  # the masks are all 255 here: the rows are the content to fingerprint
+                rows = reader.image_level_rows(ids)
+                f.create_dataset("image_labels", data=rows)
+                digest.update(rows.tobytes())
             content = counts.sum() / max(1, sum(g.resized_height * g.resized_width for g, st in zip(geoms, status, strict=True) if st == 1))
             attrs = {
                 "ssvt_label_schema": LABEL_SCHEMA, "ssvt_version": __version__, "name": source.name, "kind": source.kind,
                 "sparse": source.kind in SPARSE_KINDS, "source": str(source.path),
                 "source_background": str(source.background or ""), "source_sha256": source_sha256 or source_fingerprint(source),
                 "store_fingerprint": store.fingerprint(), "sha256": digest.hexdigest(), "num_classes": num_classes,
-                "images": len(ids), "images_labelled": int((counts > 0).sum()), "images_without_label": len(missing),
+                "images": len(ids), "images_without_label": len(missing),
+                "images_labelled": len(ids) - len(missing) if reader.image_level is not None else int((counts > 0).sum()),
                 "labelled_fraction": float(content), "class_histogram": json.dumps(hist.tolist()),
                 "points_dropped": reader.dropped, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }  # fmt: skip
@@ -176,10 +183,8 @@ def import_labels(source: LabelSource, store: FeatureStore, *, num_classes: int,
 
 
 def _check_coverage(source: LabelSource, store: FeatureStore, missing: list[str], reader: _Reader, strict: bool) -> None:
-    if reader.image_level is not None:
-        if not set(store.ids) & set(reader.image_level):
-            raise LabelError(f"label source {source.name!r} ({source.path}) has no entry for any image id of {store.path}")
-        return
+    if reader.image_level is not None and not set(store.ids) & set(reader.image_level):
+        raise LabelError(f"label source {source.name!r} ({source.path}) has no entry for any image id of {store.path}")
     if len(missing) == store.n_images:
         raise LabelError(
             f"label source {source.name!r} ({source.path}) has no label for any of the {store.n_images} images of "
@@ -203,8 +208,9 @@ class _Reader:
 
     def canvas(self, image_id: str, geom: Geometry) -> np.ndarray | None:
         kind, folder = self.source.kind, self.source.path
-        if kind == "cls-labels":
-            return None
+        if kind == "cls-labels":  # an entry is the image's label; it has no pixels, so the canvas stays 255
+            assert self.image_level is not None
+            return np.full((geom.canvas, geom.canvas), IGNORE, dtype=np.uint8) if image_id in self.image_level else None
         if kind == "points-json":
             assert self.points is not None
             if image_id not in self.points:
