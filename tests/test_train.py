@@ -1,0 +1,176 @@
+"""Training and evaluation on the toy data with a tiny random model: the head learns, runs are
+reproducible and self-describing, and evaluation lines up with the ground truth at original size."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import readers
+from pipeline.config import ExtractConfig, TrainConfig, Workspace
+from pipeline.data import find_images
+from pipeline.errors import ConfigError, LabelError, StoreMismatchError
+from pipeline.evaluate import evaluate, evaluate_run, load_run
+from pipeline.extract import extract
+from pipeline.labels import ensure_labels
+from pipeline.metrics import ConfusionMatrix
+from pipeline.runs import evaluate_existing, train_and_evaluate
+from pipeline.store import FeatureStore
+
+TINY = ExtractConfig(model="vit_tiny_test", random_init=True, size=112, workers=0, flip=True)
+FAST = TrainConfig(lr=2e-2, epochs=1, min_steps=60, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, toy) -> Workspace:
+    """A copy of the toy workspace with train and val extracted by the tiny model."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("ws") / "toy"
+    shutil.copytree(toy.root, root)
+    w = Workspace.load(root / "ssvt.toml")
+    for split in ("train", "val"):
+        extract(find_images(w.data_root, split), w.store_path(TINY, split), TINY)
+    return w
+
+
+def constant_miou(w: Workspace) -> float:
+    """mIoU of predicting background everywhere, at original resolution (the floor to beat)."""
+    cm = ConfusionMatrix(21)
+    for item in find_images(w.data_root, "val"):
+        gt = readers.read_mask(readers.find_mask(w.labels["gt"].path, item.id))
+        cm.update(np.zeros_like(gt), gt)
+    return float(cm.miou())
+
+
+def test_head_on_ground_truth_beats_constant_predictor(ws, tmp_path):
+    out = train_and_evaluate(FAST, ws.labels["gt"], ws, gt=ws.labels["gt"], out=tmp_path / "run")
+    assert out.evaluation is not None
+    floor = constant_miou(ws)
+    assert out.evaluation.miou > floor + 0.15, (out.evaluation.miou, floor)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("miou", "per_class_iou", "pixel_accuracy", "epochs", "wall_time"):
+        assert key in metrics
+    assert metrics["miou"] == pytest.approx(out.evaluation.miou)
+    for name in ("head.safetensors", "config.json", "curve.png", "train.log", "confusion.npy", "confusion.png"):
+        assert (tmp_path / "run" / name).stat().st_size > 0, name
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["store"]["fingerprint"] == FeatureStore.open(ws.store_path(TINY, "train")).fingerprint()
+    assert len(cfg["labels"]["fingerprint"]) == 64
+    assert "validation mIoU" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_training_is_reproducible_and_streaming_matches_memory(ws, tmp_path):
+    cfg = TrainConfig(lr=2e-2, epochs=2, min_steps=0, batch_size=4, flip=False)
+    a = train_and_evaluate(cfg, ws.labels["eps"], ws, out=tmp_path / "a")
+    b = train_and_evaluate(cfg, ws.labels["eps"], ws, out=tmp_path / "b")
+    assert a.train.history["loss"] == b.train.history["loss"]
+    stream = train_and_evaluate(TrainConfig(**{**cfg.to_dict(), "memory": "stream"}), ws.labels["eps"], ws, out=tmp_path / "s")
+    assert not stream.train.in_memory and a.train.in_memory
+    assert stream.train.steps == a.train.steps
+    # Streaming shuffles within shards, so the order differs; it must still learn.
+    assert np.mean(stream.train.history["loss"][-3:]) < stream.train.history["loss"][0]
+
+
+@pytest.mark.parametrize("name", ["scribble", "point", "seam", "vl"])
+def test_every_label_type_trains(ws, tmp_path, name):
+    out = train_and_evaluate(FAST, ws.label_source(name), ws, gt=ws.labels["gt"], out=tmp_path / name)
+    assert out.evaluation is not None and out.evaluation.miou > constant_miou(ws)
+    assert np.isfinite(out.train.history["loss"]).all()
+
+
+def test_saved_predictions_line_up_with_ground_truth(ws, tmp_path):
+    train_and_evaluate(FAST, ws.labels["gt"], ws, out=tmp_path / "run")
+    val = FeatureStore.open(ws.store_path(TINY, "val"))
+    result = evaluate_run(tmp_path / "run", val, ws.labels["gt"], save_predictions=tmp_path / "pred")
+    cm = ConfusionMatrix(21)
+    for image_id in val.ids:
+        pred = Image.open(tmp_path / "pred" / f"{image_id}.png")
+        gt = readers.read_mask(readers.find_mask(ws.labels["gt"].path, image_id))
+        assert pred.mode == "P" and pred.size == (gt.shape[1], gt.shape[0])
+        cm.update(np.asarray(pred), gt)
+    # The metric recomputed from the written PNGs is the reported one: same pixels, same alignment.
+    np.testing.assert_array_equal(cm.matrix, result.confusion)
+    # Shifting predictions by a few pixels makes them worse: they are aligned, not just similar.
+    shifted = ConfusionMatrix(21)
+    for image_id in val.ids:
+        pred = np.roll(np.asarray(Image.open(tmp_path / "pred" / f"{image_id}.png")), 6, axis=1)
+        shifted.update(pred, readers.read_mask(readers.find_mask(ws.labels["gt"].path, image_id)))
+    assert shifted.miou() < cm.miou()
+
+
+def test_flip_tta_and_store_mismatch(ws, tmp_path):
+    train_and_evaluate(FAST, ws.labels["gt"], ws, out=tmp_path / "run")
+    tta = evaluate_existing(tmp_path / "run", ws.labels["gt"], ws, flip_tta=True)
+    plain = evaluate_existing(tmp_path / "run", ws.labels["gt"], ws)
+    assert tta.flip_tta and tta.miou != plain.miou and tta.miou > constant_miou(ws)
+    other = ExtractConfig(model="vit_tiny_test", random_init=True, size=56, workers=0)
+    extract(find_images(ws.data_root, "val"), tmp_path / "other.zarr", other)
+    with pytest.raises(StoreMismatchError, match=r"size: run has 112, store has 56"):
+        evaluate_existing(tmp_path / "run", ws.labels["gt"], ws, store=tmp_path / "other.zarr")
+    head, _ = load_run(tmp_path / "run")
+    with pytest.raises(ConfigError, match="no flipped view"):
+        evaluate(head, FeatureStore.open(tmp_path / "other.zarr"), ws.labels["gt"], flip_tta=True)
+
+
+def test_class_count_mismatch_and_bad_labels(ws, tmp_path):
+    train_and_evaluate(FAST, ws.labels["gt"], ws, out=tmp_path / "run")
+    head, _ = load_run(tmp_path / "run")
+    assert head.num_classes == 21
+    store = FeatureStore.open(ws.store_path(TINY, "train"))
+    with pytest.raises(LabelError, match="image-level"):
+        train_and_evaluate(FAST, ws.labels["cls"], ws, out=tmp_path / "cls")
+    # A 5-class head cannot take VOC labels with classes up to 20.
+    labels = ensure_labels(ws.labels["gt"], store, num_classes=21)
+    from pipeline.train import train_head
+
+    with pytest.raises(LabelError, match="not a class of a 5-class head"):
+        train_head(store, labels, FAST, tmp_path / "five", num_classes=5)
+    assert not (tmp_path / "five" / "head.safetensors").exists()
+
+
+def test_sparse_and_subsampled_dense_runs_use_the_cheap_loss(ws, tmp_path, monkeypatch):
+    import pipeline.train as train
+
+    calls = []
+    for name in ("dense_loss", "sparse_loss", "subsampled_dense_loss"):
+        real = getattr(train, name)
+        monkeypatch.setattr(train, name, lambda *a, _r=real, _n=name, **k: calls.append(_n) or _r(*a, **k))
+    cfg = TrainConfig(lr=1e-2, epochs=1, min_steps=0, batch_size=8)
+    train_and_evaluate(cfg, ws.labels["scribble"], ws, out=tmp_path / "s")
+    train_and_evaluate(TrainConfig(**{**cfg.to_dict(), "pixels_per_image": 500}), ws.labels["gt"], ws, out=tmp_path / "p")
+    train_and_evaluate(cfg, ws.labels["gt"], ws, out=tmp_path / "d")
+    assert calls == ["sparse_loss"] * 2 + ["subsampled_dense_loss"] * 2 + ["dense_loss"] * 2
+
+
+def test_evaluate_matches_brute_force_metric(ws, tmp_path):
+    """The split mIoU equals one computed here from the head's own logits, image by image."""
+    from pipeline.geometry import canvas_to_original
+
+    train_and_evaluate(FAST, ws.labels["gt"], ws, out=tmp_path / "run")
+    head, _ = load_run(tmp_path / "run")
+    val = FeatureStore.open(ws.store_path(TINY, "val"))
+    result = evaluate(head, val, ws.labels["gt"])
+    inter, union = np.zeros(21), np.zeros(21)
+    for i, g in enumerate(val.geometries()):
+        with torch.inference_mode():
+            logits = head(torch.from_numpy(val.read_tokens(i, i + 1, view=0)))[0]
+        pred = canvas_to_original(logits, g).argmax(0).numpy()
+        gt = readers.read_mask(readers.find_mask(ws.labels["gt"].path, val.ids[i]))
+        keep = gt != 255
+        for c in range(21):
+            p, t = (pred == c) & keep, (gt == c) & keep
+            inter[c] += (p & t).sum()
+            union[c] += (p | t).sum()
+    present = union > 0
+    assert result.miou == pytest.approx((inter[present] / union[present]).mean())
+
+
+def test_run_folder_default_names_do_not_overwrite(ws):
+    a = train_and_evaluate(TrainConfig(epochs=1, min_steps=2, batch_size=8), ws.labels["seam"], ws)
+    b = train_and_evaluate(TrainConfig(epochs=1, min_steps=2, batch_size=8), ws.labels["seam"], ws)
+    assert a.run_dir == ws.runs_dir / "seam-bn-linear" and b.run_dir == ws.runs_dir / "seam-bn-linear-2"
+    assert Path(a.run_dir / "head.safetensors").exists() and Path(b.run_dir / "head.safetensors").exists()
