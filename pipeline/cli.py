@@ -91,6 +91,10 @@ def progress_bar(unit: str = "img/s") -> Progress:
     )  # fmt: skip
 
 
+def _update_task(bar: Progress, task: Any, done: int, total: int) -> None:
+    bar.update(task, completed=done, total=total)
+
+
 def kv_table(title: str, rows: list[tuple[str, Any]]) -> Table:
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -139,15 +143,45 @@ def make_toy_cmd(
 @app.command()
 @errors_as_one_line
 def extract(
-    model: Annotated[str, typer.Option(help="Backbone: a DINOv2 hub name (dinov2_vits14 ... dinov2_vitg14_reg); `ssvt models` lists them.")] = "dinov2_vitl14",
-    data: Annotated[Path | None, typer.Option(help="Dataset: a VOC root, an images/ (+ masks/) folder, a plain image folder or a text file listing images. Default: the workspace's [dataset] root.")] = None,
-    split: Annotated[list[str] | None, typer.Option(help="Split(s) to extract (VOC ImageSets/Segmentation/<split>.txt). Default: the workspace's splits.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Store path (one split). Default: <cache>/<model>-<size>-<layers>/<split>.zarr.")] = None,
-    size: Annotated[int, typer.Option(help="Canvas side in pixels, a multiple of 14: images are resized so the longer side is this, then padded to a square.")] = 448,
-    layers: Annotated[str, typer.Option(help="Blocks to cache: last, last4 (the '+ms' recipe, concatenated) or indices like 8,9,10,11.")] = "last",
-    flip: Annotated[bool, typer.Option(help="Also cache the horizontally flipped view (training augmentation, flip test-time augmentation).")] = False,
-    weights: Annotated[Path | None, typer.Option(help="Weights: an HF model folder or an official dinov2_*_pretrain.pth. Default: the torch hub / HF caches.")] = None,
-    random_init: Annotated[bool, typer.Option(help="Use a seeded random initialisation instead of pretrained weights (tests and offline demos).")] = False,
+    model: Annotated[
+        str, typer.Option(help="Backbone: a DINOv2 hub name (dinov2_vits14 ... dinov2_vitg14_reg); `ssvt models` lists them.")
+    ] = "dinov2_vitl14",
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Dataset: a VOC root, an images/ (+ masks/) folder, a plain image folder or a text file listing images. "
+            "Default: the workspace's [dataset] root."
+        ),
+    ] = None,
+    split: Annotated[
+        list[str] | None,
+        typer.Option(help="Split(s) to extract (VOC ImageSets/Segmentation/<split>.txt). Default: the workspace's splits."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Store path (one split). Default: <cache>/<model>-<size>-<layers>/<split>.zarr.")
+    ] = None,
+    size: Annotated[
+        int,
+        typer.Option(
+            help="Canvas side in pixels, a multiple of 14: images are resized so the longer side is this, "
+            "then padded to a square."
+        ),
+    ] = 448,
+    layers: Annotated[
+        str, typer.Option(help="Blocks to cache: last, last4 (the '+ms' recipe, concatenated) or indices like 8,9,10,11.")
+    ] = "last",
+    flip: Annotated[
+        bool, typer.Option(help="Also cache the horizontally flipped view (training augmentation, flip test-time augmentation).")
+    ] = False,
+    weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="Weights: an HF model folder or an official dinov2_*_pretrain.pth. Default: the torch hub / HF caches."
+        ),
+    ] = None,
+    random_init: Annotated[
+        bool, typer.Option(help="Use a seeded random initialisation instead of pretrained weights (tests and offline demos).")
+    ] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass (halved automatically on CUDA out-of-memory).")] = 8,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes that decode and resize images.")] = 2,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -171,12 +205,14 @@ def extract(
             task = bar.add_task(f"extract {split_name}", total=None)
             summary = run_extract(
                 items, store_path, cfg, overwrite=overwrite,
-                progress=lambda done, total, t=task: bar.update(t, completed=done, total=total),
+                progress=functools.partial(_update_task, bar, task),
             )  # fmt: skip
         _print_extract_summary(split_name, summary)
 
 
-def _extract_targets(cfg: ExtractConfig, data: Path | None, splits: list[str] | None, out: Path | None, config: Path | None) -> list[tuple[str, Any, Path]]:
+def _extract_targets(
+    cfg: ExtractConfig, data: Path | None, splits: list[str] | None, out: Path | None, config: Path | None
+) -> list[tuple[str, Any, Path]]:
     from pipeline.data import find_images
 
     ws = Workspace.find(config)
@@ -223,8 +259,10 @@ def info(store: Annotated[Path, typer.Argument(help="A feature store (.zarr fold
     i = fs.info()
     gib = 2**30
     rows = [
-        ("backbone", f"{i['backbone']}  (weights {str(fs.attrs.get('weights_sha256', ''))[:12]}…, {fs.attrs.get('weights_source', '?')})"),
-        ("layers", ", ".join(map(str, i["layers"]))), ("canvas / grid", f"{i['size']} px / {i['grid'][0]} x {i['grid'][1]} tokens"),
+        ("backbone", i["backbone"]),
+        ("weights", f"{str(fs.attrs.get('weights_sha256', ''))[:12]}… ({fs.attrs.get('weights_source', '?')})"),
+        ("layers", ", ".join(map(str, i["layers"]))),
+        ("canvas / grid", f"{i['size']} px / {i['grid'][0]} x {i['grid'][1]} tokens"),
         ("channels", i["channels"]), ("views", ", ".join(i["views"])),
         ("images", f"{i['n_images']} ({i['ok']} ok, {i['failed']} unreadable, {i['not_written']} not written yet)"),
         ("complete", f"{'yes' if i['complete'] else 'NO'}: {i['done_shards']} of {i['n_shards']} shards"
@@ -255,18 +293,29 @@ class Schedule(StrEnum):
     cosine = "cosine"
 
 
-FeaturesOpt = Annotated[str | None, typer.Option(help="Cache folder under the workspace cache (e.g. dinov2_vitl14-448-last); default: the only one.")]
+FeaturesOpt = Annotated[
+    str | None, typer.Option(help="Cache folder under the workspace cache (e.g. dinov2_vitl14-448-last); default: the only one.")
+]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 
 
 @app.command("train-head")
 @errors_as_one_line
 def train_head_cmd(
-    labels: Annotated[str, typer.Option(help="Label set: a name from ssvt.toml [labels.*] (gt, scribble, point, seam, eps, vl) or a path.")],
+    labels: Annotated[
+        str, typer.Option(help="Label set: a name from ssvt.toml [labels.*] (gt, scribble, point, seam, eps, vl) or a path.")
+    ],
     head: Annotated[str, typer.Option(help="Head: linear, bn-linear (the DINOv2 protocol), mlp or conv.")] = "bn-linear",
-    label_kind: Annotated[str | None, typer.Option(help="Kind of a label set given as a path (mask, scribble-xml, points-json, ...).")] = None,
-    store: Annotated[Path | None, typer.Option(help="Training feature store. Default: the workspace's train split in the cache.")] = None,
-    val_store: Annotated[Path | None, typer.Option(help="Validation store (evaluated at the end). Default: the val split next to the training store.")] = None,
+    label_kind: Annotated[
+        str | None, typer.Option(help="Kind of a label set given as a path (mask, scribble-xml, points-json, ...).")
+    ] = None,
+    store: Annotated[
+        Path | None, typer.Option(help="Training feature store. Default: the workspace's train split in the cache.")
+    ] = None,
+    val_store: Annotated[
+        Path | None,
+        typer.Option(help="Validation store (evaluated at the end). Default: the val split next to the training store."),
+    ] = None,
     gt: Annotated[str, typer.Option(help="Ground truth for the final evaluation: a label-set name or a mask folder.")] = "gt",
     features: FeaturesOpt = None,
     out: Annotated[Path | None, typer.Option(help="Run folder. Default: <runs>/<labels>-<head>[-n].")] = None,
@@ -277,7 +326,9 @@ def train_head_cmd(
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-4,
     warmup: Annotated[float, typer.Option(help="Fraction of the steps spent warming the learning rate up.")] = 0.05,
     schedule: Annotated[Schedule, typer.Option(help="Learning-rate decay after warm-up.")] = Schedule.poly,
-    pixels_per_image: Annotated[int | None, typer.Option(help="Dense labels: train on this many random labelled pixels per image (default: all).")] = None,
+    pixels_per_image: Annotated[
+        int | None, typer.Option(help="Dense labels: train on this many random labelled pixels per image (default: all).")
+    ] = None,
     flip: Annotated[bool, typer.Option(help="Use the cached flipped view as augmentation when there is one.")] = True,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same head.")] = 0,
     device: DeviceOpt = "auto",
@@ -291,7 +342,8 @@ def train_head_cmd(
 
     ws = Workspace.find(config)
     cfg = TrainConfig(
-        labels=labels, head=head, epochs=epochs, min_steps=min_steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup,
+        labels=labels, head=head, epochs=epochs, min_steps=min_steps, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, warmup=warmup,
         schedule=schedule.value, pixels_per_image=pixels_per_image, flip=flip, seed=seed, device=device,
     )  # fmt: skip
     source = label_source(labels, ws, label_kind)
@@ -302,7 +354,9 @@ def train_head_cmd(
         def report(stage: str, done: int, total: int, loss: float | None = None) -> None:
             if stage not in tasks:
                 tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total, description=stage if loss is None else f"{stage} loss {loss:.3f}")
+            bar.update(
+                tasks[stage], completed=done, total=total, description=stage if loss is None else f"{stage} loss {loss:.3f}"
+            )
 
         outcome = train_and_evaluate(cfg, source, ws, store=store, val_store=val_store, gt=gt_source, features=features,
                                      out=out, strict=strict, progress=report)  # fmt: skip
@@ -336,7 +390,9 @@ def _print_eval(result: Any) -> None:
         table.add_row(name, "-" if value is None else f"{100 * value:.1f}")
     console.print(table)
     tta = ", flip TTA" if result.flip_tta else ""
-    console.print(f"[bold]mIoU {100 * result.miou:.1f}[/]  pixel accuracy {100 * result.pixel_accuracy:.1f}  ({result.images} images{tta})")
+    console.print(
+        f"[bold]mIoU {100 * result.miou:.1f}[/]  pixel accuracy {100 * result.pixel_accuracy:.1f}  ({result.images} images{tta})"
+    )
     if result.skipped:
         err_console.print(Text(f"{len(result.skipped)} images without ground truth or features were skipped", style="yellow"))
 
@@ -345,10 +401,14 @@ def _print_eval(result: Any) -> None:
 @errors_as_one_line
 def evaluate(
     run: Annotated[Path, typer.Argument(help="A train-head run folder.")],
-    store: Annotated[Path | None, typer.Option(help="Validation feature store. Default: the val split next to the run's training store.")] = None,
+    store: Annotated[
+        Path | None, typer.Option(help="Validation feature store. Default: the val split next to the run's training store.")
+    ] = None,
     gt: Annotated[str, typer.Option(help="Ground truth: a label-set name from ssvt.toml or a mask folder.")] = "gt",
     flip_tta: Annotated[bool, typer.Option(help="Average with the cached flipped view (needs extract --flip).")] = False,
-    save_predictions: Annotated[Path | None, typer.Option(help="Write palette PNGs <id>.png at original resolution here.")] = None,
+    save_predictions: Annotated[
+        Path | None, typer.Option(help="Write palette PNGs <id>.png at original resolution here.")
+    ] = None,
     device: DeviceOpt = "auto",
     config: ConfigOpt = None,
 ) -> None:
@@ -361,9 +421,12 @@ def evaluate(
         task = bar.add_task("evaluate", total=None)
         result = evaluate_existing(run, label_source(gt, ws), ws, store=store, flip_tta=flip_tta,
                                    save_predictions=save_predictions, device=device,
-                                   progress=lambda d, t: bar.update(task, completed=d, total=t))  # fmt: skip
+                                   progress=functools.partial(_update_task, bar, task))  # fmt: skip
     _print_eval(result)
-    console.print(f"wrote {run / 'metrics.json'}, {run / 'confusion.png'}" + (f", predictions in {save_predictions}" if save_predictions else ""))
+    console.print(
+        f"wrote {run / 'metrics.json'}, {run / 'confusion.png'}"
+        + (f", predictions in {save_predictions}" if save_predictions else "")
+    )
 
 
 # ---------------------------------------------------------------- pictures and the tour
@@ -379,16 +442,25 @@ def _int_list(text: str) -> tuple[int, ...]:
 @app.command("kmeans-viz")
 @errors_as_one_line
 def kmeans_viz_cmd(
-    store: Annotated[Path | None, typer.Option(help="Feature store. Default: the workspace's validation split in the cache.")] = None,
+    store: Annotated[
+        Path | None, typer.Option(help="Feature store. Default: the workspace's validation split in the cache.")
+    ] = None,
     features: FeaturesOpt = None,
     k: Annotated[str, typer.Option("--k", help="Cluster counts, comma-separated (one column each).")] = "2,4,6",
     ids: Annotated[str | None, typer.Option(help="Image ids, comma-separated. Default: --n random images.")] = None,
     n: Annotated[int, typer.Option(help="Random images to draw when --ids is not given.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the random choice and of K-means.")] = 0,
-    joint: Annotated[bool, typer.Option(help="One K-means over all chosen images (co-segmentation): colours match across rows.")] = False,
+    joint: Annotated[
+        bool, typer.Option(help="One K-means over all chosen images (co-segmentation): colours match across rows.")
+    ] = False,
     normalize: Annotated[bool, typer.Option(help="L2-normalise tokens before clustering.")] = True,
     pca: Annotated[bool, typer.Option(help="Add a column with a 3-component PCA of the tokens as RGB.")] = True,
-    gt: Annotated[str | None, typer.Option(help="Ground-truth label set (name or mask folder): adds a GT column and the Hungarian mIoU of the clusters.")] = "gt",
+    gt: Annotated[
+        str | None,
+        typer.Option(
+            help="Ground-truth label set (name or mask folder): adds a GT column and the Hungarian mIoU of the clusters."
+        ),
+    ] = "gt",
     out: Annotated[Path, typer.Option(help="Output folder (figure PNG+PDF, cluster maps, centroids, scores).")] = Path("kmeans"),
     config: ConfigOpt = None,
 ) -> None:
@@ -403,7 +475,7 @@ def kmeans_viz_cmd(
             raise ConfigError("no store: pass --store PATH.zarr or run where an ssvt.toml is")
         store = ws.find_store(ws.val_split or ws.train_split, features)
     gt_source = None
-    if gt is not None and (ws is not None and gt in ws.labels or Path(gt).exists()):
+    if gt is not None and ((ws is not None and gt in ws.labels) or Path(gt).exists()):
         gt_source = label_source(gt, ws)
     cfg = KMeansVizConfig(ks=_int_list(k), ids=tuple(i.strip() for i in ids.split(",")) if ids else None, n=n, seed=seed,
                           joint=joint, normalize=normalize, pca=pca, num_classes=ws.num_classes if ws else 21)  # fmt: skip
@@ -453,7 +525,13 @@ def _print_demo(result: Any) -> None:
                   title_justify="left")  # fmt: skip
     for run in result.runs:
         ev = run.evaluation
-        table.add_row(run.labels, f"{100 * ev.miou:.1f}", f"{100 * ev.pixel_accuracy:.1f}", str(run.train.images), f"{run.train.seconds:.1f}")
+        table.add_row(
+            run.labels,
+            f"{100 * ev.miou:.1f}",
+            f"{100 * ev.pixel_accuracy:.1f}",
+            str(run.train.images),
+            f"{run.train.seconds:.1f}",
+        )
     console.print(table)
     quality = ", ".join(f"{k.removeprefix('miou_')} {100 * v:.1f}" for k, v in result.pseudo_quality.items())
     console.print(f"pseudo-label quality vs ground truth (mIoU %): {quality}")
@@ -463,5 +541,7 @@ def _print_demo(result: Any) -> None:
     console.print(f"\n[bold]outputs[/] in {result.out}:")
     console.print(f"  dataset + workspace   {result.out / 'VOC2012'}, {result.out / 'ssvt.toml'}")
     console.print(f"  feature stores        {result.out / 'cache'}   (ssvt info <store>)")
-    console.print(f"  runs                  {result.out / 'runs'}/<labels>/  (head, config, metrics.json, curve.png, confusion.png)")
+    console.print(
+        f"  runs                  {result.out / 'runs'}/<labels>/  (head, config, metrics.json, curve.png, confusion.png)"
+    )
     console.print(f"  K-means figure        {result.kmeans.figures[0]}")

@@ -63,7 +63,10 @@ class ExtractConfig(_Dict):
 
     def __post_init__(self) -> None:
         if self.size <= 0 or self.size % PATCH:
-            raise ConfigError(f"--size must be a positive multiple of {PATCH}, got {self.size} (try {round(self.size / PATCH) * PATCH or PATCH})")
+            raise ConfigError(
+                f"--size must be a positive multiple of {PATCH}, got {self.size} "
+                f"(try {round(self.size / PATCH) * PATCH or PATCH})"
+            )
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.workers < 0:
@@ -93,9 +96,11 @@ class TrainConfig(_Dict):
     """Settings of one ``ssvt train-head`` run (AdamW, linear warm-up, then cosine or poly decay).
 
     Training runs ``epochs`` passes over the labelled images, or more when that is fewer than
-    ``min_steps`` optimiser steps (small datasets). ``pixels_per_image`` trains dense labels on a random subset of labelled pixels per image (None:
-    all); sparse labels always use only their labelled pixels. ``flip`` uses the cached flipped view
-    as augmentation when the store has one.
+    ``min_steps`` optimiser steps (small datasets). ``pixels_per_image`` trains dense labels on a
+    random subset of labelled pixels per image (None: all); sparse labels always use only their
+    labelled pixels. ``flip`` uses the cached flipped view as augmentation when the store has one.
+    ``memory`` is "auto" (features in RAM or GPU memory when they fit, else streamed); "ram" and
+    "stream" force one path (tests and benchmarks; the CLI never asks the user).
     """
 
     labels: str = "gt"

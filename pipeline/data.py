@@ -105,10 +105,9 @@ def load_rgb(path: Path) -> Image.Image:
     Raises DataError naming the path when the file is missing, truncated or not an image.
     """
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
+        with Image.open(path) as opened:
+            opened.load()
+            return _to_rgb(ImageOps.exif_transpose(opened))
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise DataError(f"cannot read image {path}: {exc}") from exc
 

@@ -80,12 +80,12 @@ def run_demo(out: Path, cfg: DemoConfig | None = None, *, progress: DemoProgress
     for split in (ws.train_split, ws.val_split):
         assert split is not None
         extract(find_images(ws.data_root, split, ws.data_format), ws.store_path(ecfg, split), ecfg,
-                overwrite=True, progress=lambda d, t, s=split: report(f"extract {s}", d, t, None))  # fmt: skip
+                overwrite=True, progress=_stage(f"extract {split}", report))  # fmt: skip
     runs = []
     for name in cfg.labels:
         tcfg = replace(cfg.train, labels=name, seed=cfg.seed)
         runs.append(train_and_evaluate(tcfg, ws.label_source(name), ws, gt=ws.labels["gt"], out=ws.runs_dir / name,
-                                       progress=lambda st, d, t, loss, n=name: report(f"{n}: {st}", d, t, loss)))  # fmt: skip
+                                       progress=_prefixed(name, report)))  # fmt: skip
     assert ws.val_split is not None
     val = FeatureStore.open(ws.store_path(ecfg, ws.val_split))
     kcfg = KMeansVizConfig(ks=(2, 4, 6), n=cfg.kmeans_images, seed=cfg.seed, num_classes=ws.num_classes)
@@ -94,6 +94,20 @@ def run_demo(out: Path, cfg: DemoConfig | None = None, *, progress: DemoProgress
     source = weights if pretrained else f"random init of {cfg.model} (no pretrained weights in the local caches)"
     quality = {k: float(v) for k, v in toy.summary.items() if k.startswith("miou_")}
     return DemoResult(out, str(source), pretrained, runs, figure, quality)
+
+
+def _stage(stage: str, report: DemoProgress) -> Callable[[int, int], None]:
+    def update(done: int, total: int) -> None:
+        report(stage, done, total, None)
+
+    return update
+
+
+def _prefixed(prefix: str, report: DemoProgress) -> DemoProgress:
+    def update(stage: str, done: int, total: int, loss: float | None) -> None:
+        report(f"{prefix}: {stage}", done, total, loss)
+
+    return update
 
 
 def _counter(stage: str, total: int, report: DemoProgress) -> Callable[[int], None]:

@@ -114,7 +114,9 @@ def evaluate(
             target = readers.read_mask(mask_path)
             pred = canvas_to_original(logits[j], geoms[index]).argmax(0)
             if tuple(pred.shape) != target.shape:
-                raise LabelError(f"{mask_path} is {target.shape[1]}x{target.shape[0]} but its image is {pred.shape[1]}x{pred.shape[0]}")
+                raise LabelError(
+                    f"{mask_path} is {target.shape[1]}x{target.shape[0]} but its image is {pred.shape[1]}x{pred.shape[0]}"
+                )
             cm.update(pred.cpu().numpy(), target)
             if save_predictions is not None:
                 _save_palette_png(pred.cpu().numpy().astype(np.uint8), save_predictions / f"{image_id}.png")

@@ -61,7 +61,7 @@ class ExtractSummary:
 
 
 def pick_device(spec: str) -> torch.device:
-    """"auto" -> the first CUDA device when there is one, else the CPU; "cpu", "cuda", "cuda:1" as given."""
+    """ "auto" -> the first CUDA device when there is one, else the CPU; "cpu", "cuda", "cuda:1" as given."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -290,7 +290,9 @@ def extract(
     return summary
 
 
-def _fill_shards(loader: Any, store: FeatureStore, forward: Forward, summary: ExtractSummary, strict: bool) -> Iterator[ShardBuffer]:
+def _fill_shards(
+    loader: Any, store: FeatureStore, forward: Forward, summary: ExtractSummary, strict: bool
+) -> Iterator[ShardBuffer]:
     """Runs the model batch by batch and yields each shard's buffer once it is full."""
     buffer: ShardBuffer | None = None
     for indices, pixels, geometry, errors in loader:

@@ -109,7 +109,9 @@ def mask_to_canvas(mask: np.ndarray, geom: Geometry) -> np.ndarray:
         raise ConfigError(f"mask is {mask.shape[0]}x{mask.shape[1]} but the image is {geom.height}x{geom.width}")
     resized = Image.fromarray(mask).resize((geom.resized_width, geom.resized_height), Image.Resampling.NEAREST)
     out = np.full((geom.canvas, geom.canvas), IGNORE, dtype=np.uint8)
-    out[geom.pad_top : geom.pad_top + geom.resized_height, geom.pad_left : geom.pad_left + geom.resized_width] = np.asarray(resized)
+    out[geom.pad_top : geom.pad_top + geom.resized_height, geom.pad_left : geom.pad_left + geom.resized_width] = np.asarray(
+        resized
+    )
     return out
 
 

@@ -127,7 +127,8 @@ def ensure_labels(source: LabelSource, store: FeatureStore, *, num_classes: int,
 
 
 def import_labels(source: LabelSource, store: FeatureStore, *, num_classes: int, strict: bool = False,
-                  progress: Callable[[int, int], None] | None = None, source_sha256: str | None = None) -> LabelStore:  # fmt: skip
+                  progress: Callable[[int, int], None] | None = None,
+                  source_sha256: str | None = None) -> LabelStore:  # fmt: skip
     """Read every label of ``source`` for the store's images and write the HDF5 label store.
 
     Written to a temporary file and renamed when complete, so a crash never leaves half a label set.
@@ -142,7 +143,9 @@ def import_labels(source: LabelSource, store: FeatureStore, *, num_classes: int,
     missing: list[str] = []
     try:
         with h5py.File(tmp, "w") as f:
-            masks = f.create_dataset("masks", (len(ids), s, s), dtype=np.uint8, chunks=(1, s, s), compression="lzf", fillvalue=IGNORE)
+            masks = f.create_dataset(
+                "masks", (len(ids), s, s), dtype=np.uint8, chunks=(1, s, s), compression="lzf", fillvalue=IGNORE
+            )
             for i, image_id in enumerate(ids):
                 canvas = reader.canvas(image_id, geoms[i]) if status[i] == 1 else None
                 if canvas is None:
@@ -162,7 +165,9 @@ def import_labels(source: LabelSource, store: FeatureStore, *, num_classes: int,
                 rows = reader.image_level_rows(ids)
                 f.create_dataset("image_labels", data=rows)
                 digest.update(rows.tobytes())
-            content = counts.sum() / max(1, sum(g.resized_height * g.resized_width for g, st in zip(geoms, status, strict=True) if st == 1))
+            content = counts.sum() / max(
+                1, sum(g.resized_height * g.resized_width for g, st in zip(geoms, status, strict=True) if st == 1)
+            )
             attrs = {
                 "ssvt_label_schema": LABEL_SCHEMA, "ssvt_version": __version__, "name": source.name, "kind": source.kind,
                 "sparse": source.kind in SPARSE_KINDS, "source": str(source.path),
@@ -240,7 +245,9 @@ class _Reader:
     def _check(self, values: np.ndarray, where: str) -> None:
         bad = np.unique(values[(values >= self.num_classes) & (values != IGNORE)])
         if bad.size:
-            raise LabelError(f"{where}: label values {bad[:10].tolist()} are neither classes 0..{self.num_classes - 1} nor {IGNORE}")
+            raise LabelError(
+                f"{where}: label values {bad[:10].tolist()} are neither classes 0..{self.num_classes - 1} nor {IGNORE}"
+            )
 
     def image_level_rows(self, ids: list[str]) -> np.ndarray:
         assert self.image_level is not None

@@ -183,7 +183,7 @@ def train_head(
             running = value if math.isnan(running) else 0.9 * running + 0.1 * value
             history["step"].append(step)
             history["loss"].append(value)
-            history["lr"].append(sched.get_last_lr()[0])
+            history["lr"].append(float(sched.get_last_lr()[0]))
             if progress:
                 progress(step, total, running)
     head.eval()
@@ -192,7 +192,9 @@ def train_head(
     return result
 
 
-def _loss(logits: torch.Tensor, target: torch.Tensor, sparse: bool, pixels: int | None, generator: torch.Generator) -> torch.Tensor:
+def _loss(
+    logits: torch.Tensor, target: torch.Tensor, sparse: bool, pixels: int | None, generator: torch.Generator
+) -> torch.Tensor:
     if sparse:
         return sparse_loss(logits, target)
     if pixels is not None:
@@ -200,7 +202,15 @@ def _loss(logits: torch.Tensor, target: torch.Tensor, sparse: bool, pixels: int 
     return dense_loss(logits, target)
 
 
-def write_run(run_dir: Path, head: torch.nn.Module, cfg: TrainConfig, store: FeatureStore, labels: LabelStore, num_classes: int, result: TrainResult) -> None:
+def write_run(
+    run_dir: Path,
+    head: torch.nn.Module,
+    cfg: TrainConfig,
+    store: FeatureStore,
+    labels: LabelStore,
+    num_classes: int,
+    result: TrainResult,
+) -> None:
     """head.safetensors, config.json (train + head config and the fingerprints used), history.json, curve.png."""
     from pipeline.figures import curve_figure
 
@@ -208,7 +218,7 @@ def write_run(run_dir: Path, head: torch.nn.Module, cfg: TrainConfig, store: Fea
     save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(run_dir / "head.safetensors"))
     config: dict[str, Any] = {
         "train": cfg.to_dict(),
-        "head": head.config,  # type: ignore[attr-defined]
+        "head": head.config,
         "num_classes": num_classes,
         "store": {"path": str(store.path), "fingerprint": store.fingerprint(), "identity": store_identity(store)},
         "labels": {"name": labels.name, "kind": labels.kind, "path": str(labels.path), "fingerprint": labels.fingerprint},

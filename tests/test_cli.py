@@ -39,22 +39,30 @@ def test_extract_flags_become_config(toy_copy, monkeypatch):
     runner.invoke(app, ["extract", "--model", "dinov2_vitb14", "--size", "224", "--layers", "last4", "--flip",
                         "--batch-size", "4", "--device", "cpu", "--split", "val"])  # fmt: skip
     n, out, cfg = seen["calls"][0]
-    assert n == 8 and out == toy_copy / "cache" / "dinov2_vitb14-224-last4" / "val.zarr"
+    assert n == 8
+    assert out == toy_copy / "cache" / "dinov2_vitb14-224-last4" / "val.zarr"
     assert cfg == ExtractConfig(model="dinov2_vitb14", size=224, layers="last4", flip=True, batch_size=4, device="cpu")
 
 
 def test_errors_are_one_red_line(toy_copy, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["extract", "--size", "450"])
-    assert result.exit_code == 1 and "multiple of 14" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 1
+    assert "multiple of 14" in result.output
+    assert "Traceback" not in result.output
     result = runner.invoke(app, ["extract"])
-    assert result.exit_code == 1 and "--data" in result.output
+    assert result.exit_code == 1
+    assert "--data" in result.output
     result = runner.invoke(app, ["extract", "--data", str(toy_copy / "VOC2012"), "--split", "val", "--out", "x.zarr"])
-    assert result.exit_code == 1 and "weights" in result.output  # no pretrained weights offline: says where to put them
+    assert result.exit_code == 1
+    assert "weights" in result.output
     blocker = tmp_path / "file"
     blocker.write_text("")
-    result = runner.invoke(app, ["extract", *TINY, "--data", str(toy_copy / "VOC2012"), "--split", "val", "--out", str(blocker / "s.zarr")])
-    assert result.exit_code == 1 and "error:" in result.output
+    result = runner.invoke(
+        app, ["extract", *TINY, "--data", str(toy_copy / "VOC2012"), "--split", "val", "--out", str(blocker / "s.zarr")]
+    )
+    assert result.exit_code == 1
+    assert "error:" in result.output
 
 
 def test_end_to_end_from_make_toy_to_evaluate(tmp_path, monkeypatch):
@@ -65,19 +73,26 @@ def test_end_to_end_from_make_toy_to_evaluate(tmp_path, monkeypatch):
     store = Path("cache/vit_tiny_test-56-last-random/train.zarr")
     assert FeatureStore.open(store).is_complete()
     out = ok(["train-head", "--labels", "eps", "--min-steps", "20", "--lr", "0.01"]).output
-    assert "mIoU" in out and "aeroplane" in out
+    assert "mIoU" in out
+    assert "aeroplane" in out
     metrics = json.loads(Path("runs/eps-bn-linear/metrics.json").read_text())
     assert 0 <= metrics["miou"] <= 1
     out = ok(["evaluate", "runs/eps-bn-linear", "--flip-tta", "--save-predictions", "pred"]).output
-    assert "flip TTA" in out and len(list(Path("pred").glob("*.png"))) == 4
+    assert "flip TTA" in out
+    assert len(list(Path("pred").glob("*.png"))) == 4
     out = ok(["info", str(store)]).output
-    assert "vit_tiny_test" in out and "eps" in out and "yes" in out
+    assert "vit_tiny_test" in out
+    assert "eps" in out
+    assert "yes" in out
     ok(["kmeans-viz", "--k", "2,3", "--n", "2", "--out", "km"])
-    assert Path("km/kmeans.png").exists() and Path("km/kmeans.pdf").exists()
+    assert Path("km/kmeans.png").exists()
+    assert Path("km/kmeans.pdf").exists()
     # Rerunning extract resumes (nothing to do); other settings are refused with the differences named.
     assert "0 / 1" in ok(["extract", *TINY, "--flip", "--split", "val"]).output  # 0 written, 1 already done
     bad = runner.invoke(app, ["extract", *TINY, "--split", "val", "--out", "cache/vit_tiny_test-56-last-random/val.zarr"])
-    assert bad.exit_code == 1 and "views" in bad.output and "--overwrite" in bad.output
+    assert bad.exit_code == 1
+    assert "views" in bad.output
+    assert "--overwrite" in bad.output
 
 
 def test_init_writes_a_loadable_workspace(tmp_path, monkeypatch):
@@ -86,7 +101,8 @@ def test_init_writes_a_loadable_workspace(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ok(["init"])
     ws = Workspace.load(tmp_path / "ssvt.toml")
-    assert ws.train_split == "train_aug" and "gt" in ws.labels
+    assert ws.train_split == "train_aug"
+    assert "gt" in ws.labels
     assert runner.invoke(app, ["init"]).exit_code == 1  # refuses to overwrite
 
 

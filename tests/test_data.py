@@ -21,7 +21,8 @@ def test_image_modes_become_rgb(tmp_path, mode, suffix):
     src = Image.fromarray(RGB).convert(mode)
     path = save(src, tmp_path / f"x{suffix}", **({"lossless": True} if suffix == ".webp" else {}))
     out = load_rgb(path)
-    assert out.mode == "RGB" and out.size == (2, 2)
+    assert out.mode == "RGB"
+    assert out.size == (2, 2)
     expected = np.asarray(src.convert("RGB"))
     tol = 40 if mode == "CMYK" else 0  # CMYK goes through JPEG
     assert np.abs(np.asarray(out).astype(int) - expected).max() <= tol
@@ -40,7 +41,8 @@ def test_palette_with_transparency(tmp_path):
     img = Image.fromarray(RGB).convert("P")
     img.info["transparency"] = 0
     out = load_rgb(save(img, tmp_path / "t.png", transparency=0))
-    assert out.mode == "RGB" and out.size == (2, 2)
+    assert out.mode == "RGB"
+    assert out.size == (2, 2)
 
 
 def test_exif_rotation_is_applied(tmp_path):
@@ -59,9 +61,9 @@ def test_bad_files_raise_data_error_naming_the_path(tmp_path, content):
         path.write_bytes(path.read_bytes()[:300])
     else:
         path.write_bytes(content)
-    with pytest.raises(DataError, match="bad.jpg"):
+    with pytest.raises(DataError, match=r"bad\.jpg"):
         load_rgb(path)
-    with pytest.raises(DataError, match="missing.jpg"):
+    with pytest.raises(DataError, match=r"missing\.jpg"):
         load_rgb(tmp_path / "missing.jpg")
 
 
@@ -69,10 +71,14 @@ def test_dataset_reports_bad_file_and_goes_on(tmp_path):
     good = save(Image.fromarray(np.full((20, 40, 3), 100, dtype=np.uint8)), tmp_path / "good.png")
     (tmp_path / "bad.png").write_bytes(b"junk")
     ds = CanvasDataset([ImageItem("good", good), ImageItem("bad", tmp_path / "bad.png")], 28, (0.5,) * 3, (0.5,) * 3)
-    i, pixels, geom, err = ds[0]
-    assert err == "" and pixels.shape == (3, 28, 28) and geom.tolist() == [20, 40, 14, 28, 7, 0]
-    i, pixels, geom, err = ds[1]
-    assert "bad.png" in err and pixels.abs().sum() == 0 and geom.sum() == 0
+    _i, pixels, geom, err = ds[0]
+    assert err == ""
+    assert pixels.shape == (3, 28, 28)
+    assert geom.tolist() == [20, 40, 14, 28, 7, 0]
+    _, pixels, geom, err = ds[1]
+    assert "bad.png" in err
+    assert pixels.abs().sum() == 0
+    assert geom.sum() == 0
 
 
 def test_split_file_with_bare_ids_and_path_pairs(tmp_path):

@@ -29,18 +29,30 @@ def test_extract_writes_complete_store(toy, tmp_path):
     seen = []
     summary = extract(items, out, ExtractConfig(**TINY, flip=True), progress=lambda d, t: seen.append((d, t)))
     s = FeatureStore.open(out)
-    assert s.is_complete() and s.n_images == 8 and s.n_views == 2 and s.grid == (4, 4) and s.channels == 48
-    assert summary.images_done == 8 and summary.shards_written == 2 and not summary.failed
-    assert seen[0] == (0, 8) and seen[-1] == (8, 8)
+    assert s.is_complete()
+    assert s.n_images == 8
+    assert s.n_views == 2
+    assert s.grid == (4, 4)
+    assert s.channels == 48
+    assert summary.images_done == 8
+    assert summary.shards_written == 2
+    assert not summary.failed
+    assert seen[0] == (0, 8)
+    assert seen[-1] == (8, 8)
     tokens = s.read_tokens(0, 8)
-    assert tokens.dtype == np.float16 and np.isfinite(tokens).all() and np.abs(tokens).sum() > 0
+    assert tokens.dtype == np.float16
+    assert np.isfinite(tokens).all()
+    assert np.abs(tokens).sum() > 0
     # Geometry row matches the image on disk.
     h, w = np.asarray(Image.open(items[3].path)).shape[:2]
     assert tuple(s.geometry()[3, :2]) == (h, w)
-    assert s.attrs["backbone"] == "vit_tiny_test" and s.attrs["layers"] == [2] and s.attrs["size"] == 56
+    assert s.attrs["backbone"] == "vit_tiny_test"
+    assert s.attrs["layers"] == [2]
+    assert s.attrs["size"] == 56
     # A rerun finds nothing to do.
     again = extract(items, out, ExtractConfig(**TINY, flip=True))
-    assert again.images_done == 0 and again.shards_skipped == 2
+    assert again.images_done == 0
+    assert again.shards_skipped == 2
 
 
 def test_flipped_view_is_the_model_on_the_mirrored_canvas(toy, tmp_path):
@@ -67,7 +79,8 @@ def test_settings_mismatch_is_refused_naming_differences(toy, tmp_path):
     with pytest.raises(StoreMismatchError, match="layers"):
         extract(items, out, ExtractConfig(**{**TINY, "layers": "0,1"}))
     summary = extract(items, out, ExtractConfig(**{**TINY, "size": 112}), overwrite=True)
-    assert summary.images_done == 8 and FeatureStore.open(out).size == 112
+    assert summary.images_done == 8
+    assert FeatureStore.open(out).size == 112
 
 
 def test_corrupt_image_reported_and_run_goes_on(toy, tmp_path):
@@ -79,9 +92,10 @@ def test_corrupt_image_reported_and_run_goes_on(toy, tmp_path):
     summary = extract(items, out, ExtractConfig(**TINY))
     assert [p for p, _ in summary.failed] == [str(bad)]
     s = FeatureStore.open(out)
-    assert s.is_complete() and s.status().tolist() == [1] * 5 + [2] + [1] * 2
+    assert s.is_complete()
+    assert s.status().tolist() == [1] * 5 + [2] + [1] * 2
     assert np.abs(s.read_tokens(5, 6)).sum() == 0
-    with pytest.raises(DataError, match="broken.jpg"):
+    with pytest.raises(DataError, match=r"broken\.jpg"):
         extract(items, tmp_path / "strict.zarr", ExtractConfig(**TINY, strict=True))
     kept = FeatureStore.open(tmp_path / "strict.zarr")
     assert kept.done_shards().tolist() == [True, False]  # the shard before the bad image is kept

@@ -34,7 +34,8 @@ def test_content_mask_grid_marks_patches_touching_content():
     grid = g.content_mask(grid=4)
     assert grid.shape == (4, 4)
     np.testing.assert_array_equal(grid.any(axis=1), [False, True, True, False])
-    assert grid.all(axis=0).sum() == 0 and grid.any(axis=0).all()
+    assert grid.all(axis=0).sum() == 0
+    assert grid.any(axis=0).all()
 
 
 def test_mask_round_trip_back_to_original_resolution():
@@ -42,7 +43,8 @@ def test_mask_round_trip_back_to_original_resolution():
     mask = np.kron(rng.integers(0, 21, (15, 20)), np.ones((25, 25), dtype=np.int64)).astype(np.uint8)  # 375 x 500
     g = fit_geometry(*mask.shape, 448)
     canvas = mask_to_canvas(mask, g)
-    assert (canvas[: g.pad_top] == 255).all() and (canvas[g.pad_top + g.resized_height :] == 255).all()
+    assert (canvas[: g.pad_top] == 255).all()
+    assert (canvas[g.pad_top + g.resized_height :] == 255).all()
     # A "prediction" made on the canvas: one-hot scores, mapped back as logits would be.
     onehot = torch.nn.functional.one_hot(torch.from_numpy(np.where(canvas == 255, 0, canvas)).long(), 21)
     back = canvas_to_original(onehot.permute(2, 0, 1).float(), g).argmax(0).numpy()
@@ -73,6 +75,8 @@ def test_image_to_canvas_pads_with_zero_after_normalisation():
 def test_points_map_with_the_resize():
     g = fit_geometry(100, 200, 56)  # scale 0.28, content 28 x 56 at rows 14..41
     xy = points_to_canvas(np.array([[0.0, 0.0], [199.0, 99.0], [100.0, 50.0]]), g)
-    assert xy[0, 0] == pytest.approx(0.5 * 0.28 - 0.5) and xy[0, 1] == pytest.approx(14 + 0.5 * 0.28 - 0.5)
-    assert xy[1, 0] == pytest.approx(55.5 - 0.14) and xy[1, 1] == pytest.approx(14 + 27.5 - 0.14)
+    assert xy[0, 0] == pytest.approx(0.5 * 0.28 - 0.5)
+    assert xy[0, 1] == pytest.approx(14 + 0.5 * 0.28 - 0.5)
+    assert xy[1, 0] == pytest.approx(55.5 - 0.14)
+    assert xy[1, 1] == pytest.approx(14 + 27.5 - 0.14)
     assert (np.round(xy[2]) == [28, 28]).all()

@@ -69,7 +69,8 @@ def test_training_is_reproducible_and_streaming_matches_memory(ws, tmp_path):
     b = train_and_evaluate(cfg, ws.labels["eps"], ws, out=tmp_path / "b")
     assert a.train.history["loss"] == b.train.history["loss"]
     stream = train_and_evaluate(TrainConfig(**{**cfg.to_dict(), "memory": "stream"}), ws.labels["eps"], ws, out=tmp_path / "s")
-    assert not stream.train.in_memory and a.train.in_memory
+    assert not stream.train.in_memory
+    assert a.train.in_memory
     assert stream.train.steps == a.train.steps
     # Streaming shuffles within shards, so the order differs; it must still learn.
     assert np.mean(stream.train.history["loss"][-3:]) < stream.train.history["loss"][0]
@@ -78,7 +79,8 @@ def test_training_is_reproducible_and_streaming_matches_memory(ws, tmp_path):
 @pytest.mark.parametrize("name", ["scribble", "point", "seam", "vl"])
 def test_every_label_type_trains(ws, tmp_path, name):
     out = train_and_evaluate(FAST, ws.label_source(name), ws, gt=ws.labels["gt"], out=tmp_path / name)
-    assert out.evaluation is not None and out.evaluation.miou > constant_miou(ws)
+    assert out.evaluation is not None
+    assert out.evaluation.miou > constant_miou(ws)
     assert np.isfinite(out.train.history["loss"]).all()
 
 
@@ -90,7 +92,8 @@ def test_saved_predictions_line_up_with_ground_truth(ws, tmp_path):
     for image_id in val.ids:
         pred = Image.open(tmp_path / "pred" / f"{image_id}.png")
         gt = readers.read_mask(readers.find_mask(ws.labels["gt"].path, image_id))
-        assert pred.mode == "P" and pred.size == (gt.shape[1], gt.shape[0])
+        assert pred.mode == "P"
+        assert pred.size == (gt.shape[1], gt.shape[0])
         cm.update(np.asarray(pred), gt)
     # The metric recomputed from the written PNGs is the reported one: same pixels, same alignment.
     np.testing.assert_array_equal(cm.matrix, result.confusion)
@@ -106,7 +109,9 @@ def test_flip_tta_and_store_mismatch(ws, tmp_path):
     train_and_evaluate(FAST, ws.labels["gt"], ws, out=tmp_path / "run")
     tta = evaluate_existing(tmp_path / "run", ws.labels["gt"], ws, flip_tta=True)
     plain = evaluate_existing(tmp_path / "run", ws.labels["gt"], ws)
-    assert tta.flip_tta and tta.miou != plain.miou and tta.miou > constant_miou(ws)
+    assert tta.flip_tta
+    assert tta.miou != plain.miou
+    assert tta.miou > constant_miou(ws)
     other = ExtractConfig(model="vit_tiny_test", random_init=True, size=56, workers=0)
     extract(find_images(ws.data_root, "val"), tmp_path / "other.zarr", other)
     with pytest.raises(StoreMismatchError, match=r"size: run has 112, store has 56"):
@@ -172,5 +177,7 @@ def test_evaluate_matches_brute_force_metric(ws, tmp_path):
 def test_run_folder_default_names_do_not_overwrite(ws):
     a = train_and_evaluate(TrainConfig(epochs=1, min_steps=2, batch_size=8), ws.labels["seam"], ws)
     b = train_and_evaluate(TrainConfig(epochs=1, min_steps=2, batch_size=8), ws.labels["seam"], ws)
-    assert a.run_dir == ws.runs_dir / "seam-bn-linear" and b.run_dir == ws.runs_dir / "seam-bn-linear-2"
-    assert Path(a.run_dir / "head.safetensors").exists() and Path(b.run_dir / "head.safetensors").exists()
+    assert a.run_dir == ws.runs_dir / "seam-bn-linear"
+    assert b.run_dir == ws.runs_dir / "seam-bn-linear-2"
+    assert Path(a.run_dir / "head.safetensors").exists()
+    assert Path(b.run_dir / "head.safetensors").exists()
