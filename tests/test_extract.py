@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.config import ExtractConfig
 from pipeline.data import find_images
 from pipeline.errors import DataError, StoreMismatchError
-from pipeline.extract import extract, shard_batches
+from pipeline.extract import Forward, extract, shard_batches
 from pipeline.store import FeatureStore
 
 TINY = {"model": "vit_tiny_test", "random_init": True, "size": 56, "workers": 0, "batch_size": 3, "images_per_shard": 4}
@@ -145,3 +146,31 @@ def test_resume_after_kill_gives_identical_store(toy, tmp_path):
     attrs_a = {k: v for k, v in FeatureStore.open(killed).attrs.items() if k != "created"}
     attrs_b = {k: v for k, v in FeatureStore.open(clean).attrs.items() if k != "created"}
     assert attrs_a == attrs_b
+
+
+class _OomAbove(torch.nn.Module):
+    """A stand-in backbone that runs out of (CUDA) memory on batches larger than ``limit``."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit, self.sizes = limit, []
+
+    def forward(self, x: torch.Tensor, layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        self.sizes.append(len(x))
+        if len(x) > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return x[:, :1, ::14, ::14].permute(0, 2, 3, 1).repeat(1, 1, 1, 4), x[:, :, 0, 0]
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_results():
+    fake = _OomAbove(limit=3)
+    forward = Forward(fake, (0,), torch.device("cpu"), flip=True, chunk=8)
+    pixels = torch.randn(8, 3, 28, 28)
+    tokens, cls = forward(pixels)
+    assert forward.chunk == 1  # with the flip a chunk of c images is 2c rows: only c = 1 fits under 3
+    assert tokens.shape == (8, 2, 2, 2, 4)
+    assert cls.shape == (8, 2, 3)
+    np.testing.assert_allclose(tokens[:, 0, :, :, 0], pixels[:, 0, ::14, ::14].numpy(), atol=1e-3)
+    np.testing.assert_allclose(tokens[:, 1, :, :, 0], pixels.flip(-1)[:, 0, ::14, ::14].numpy(), atol=1e-3)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        Forward(_OomAbove(limit=0), (0,), torch.device("cpu"), flip=False, chunk=4)(pixels)
