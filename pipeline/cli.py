@@ -272,6 +272,24 @@ def info(store: Annotated[Path, typer.Argument(help="A feature store (.zarr fold
         ("fingerprint", i["fingerprint"]),
     ]  # fmt: skip
     console.print(kv_table(str(store), rows))
+    if i["label_sets"]:
+        _print_label_sets([Path(ls["path"]) for ls in i["label_sets"]])
+
+
+def _print_label_sets(paths: list[Path]) -> None:
+    from pipeline.labels import LabelStore
+    from pipeline.voc import CLASS_NAMES
+
+    table = Table("set", "kind", "images", "pixels", "dropped", "top classes", title_justify="left",
+                  title="imported label sets (labelled images, labelled pixel fraction, out-of-image clicks/points)")  # fmt: skip
+    for path in paths:
+        a = LabelStore.open(path).attrs
+        hist = a["class_histogram"]
+        top = sorted(range(1, len(hist)), key=lambda c: -hist[c])[:3]  # foreground classes
+        names = [CLASS_NAMES[c] if len(hist) == len(CLASS_NAMES) else str(c) for c in top if hist[c]]
+        table.add_row(a["name"], a["kind"], f"{a['images_labelled']} / {a['images']}", f"{100 * a['labelled_fraction']:.2f}%",
+                      str(a["points_dropped"]), ", ".join(names))  # fmt: skip
+    console.print(table)
 
 
 @app.command()
