@@ -1,0 +1,139 @@
+"""``ssvt kmeans-viz`` and ``ssvt demo``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from pipeline.cli._common import (
+    ConfigOpt,
+    FeaturesOpt,
+    app,
+    console,
+    errors_as_one_line,
+    progress_bar,
+)  # fmt: skip
+from pipeline.config import Workspace
+from pipeline.errors import ConfigError
+
+# ---------------------------------------------------------------- pictures and the tour
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"expected comma-separated integers like 2,4,6, got {text!r}") from None
+
+
+@app.command("kmeans-viz")
+@errors_as_one_line
+def kmeans_viz_cmd(
+    store: Annotated[
+        Path | None, typer.Option(help="Feature store. Default: the workspace's validation split in the cache.")
+    ] = None,
+    features: FeaturesOpt = None,
+    k: Annotated[str, typer.Option("--k", help="Cluster counts, comma-separated (one column each).")] = "2,4,6",
+    ids: Annotated[str | None, typer.Option(help="Image ids, comma-separated. Default: --n random images.")] = None,
+    n: Annotated[int, typer.Option(help="Random images to draw when --ids is not given.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed of the random choice and of K-means.")] = 0,
+    joint: Annotated[
+        bool, typer.Option(help="One K-means over all chosen images (co-segmentation): colours match across rows.")
+    ] = False,
+    normalize: Annotated[bool, typer.Option(help="L2-normalise tokens before clustering.")] = True,
+    pca: Annotated[bool, typer.Option(help="Add a column with a 3-component PCA of the tokens as RGB.")] = True,
+    gt: Annotated[
+        str | None,
+        typer.Option(
+            help="Ground-truth label set (name or mask folder): adds a GT column and the Hungarian mIoU of the clusters."
+        ),
+    ] = "gt",
+    out: Annotated[Path, typer.Option(help="Output folder (figure PNG+PDF, cluster maps, centroids, scores).")] = Path("kmeans"),
+    config: ConfigOpt = None,
+) -> None:
+    """The shape-prior figure: K-means over each image's patch tokens, no labels needed."""
+    from pipeline.config import label_source
+    from pipeline.store import FeatureStore
+    from pipeline.viz import KMeansVizConfig, kmeans_viz
+
+    ws = Workspace.find(config)
+    if store is None:
+        if ws is None:
+            raise ConfigError("no store: pass --store PATH.zarr or run where an ssvt.toml is")
+        store = ws.find_store(ws.val_split or ws.train_split, features)
+    gt_source = None
+    if gt is not None and ((ws is not None and gt in ws.labels) or Path(gt).exists()):
+        gt_source = label_source(gt, ws)
+    cfg = KMeansVizConfig(ks=_int_list(k), ids=tuple(i.strip() for i in ids.split(",")) if ids else None, n=n, seed=seed,
+                          joint=joint, normalize=normalize, pca=pca, num_classes=ws.num_classes if ws else 21)  # fmt: skip
+    with progress_bar() as bar:
+        task = bar.add_task("k-means", total=len(cfg.ids) if cfg.ids else n)
+        result = kmeans_viz(FeatureStore.open(store), out, cfg, gt=gt_source, progress=lambda d: bar.advance(task, d))
+    if result.mean_scores:
+        table = Table("K", "cluster mIoU % (Hungarian, per-image mean)", title="shape in the features", title_justify="left")
+        for kk, score in result.mean_scores.items():
+            table.add_row(str(kk), f"{100 * score:.1f}")
+        console.print(table)
+    console.print(f"figure: {result.figures[0]} and {result.figures[1]}; maps and centroids in {result.out_dir}")
+
+
+@app.command()
+@errors_as_one_line
+def demo(
+    out: Annotated[Path, typer.Argument(help="Folder for the demo's data, caches, runs and figures.")] = Path("ssvt-demo"),
+    quick: Annotated[bool, typer.Option(help="A smaller, faster tour (fewer images, steps and label sets).")] = False,
+) -> None:
+    """The whole pipeline on generated data, offline, on a CPU in about two minutes.
+
+    Toy dataset -> DINOv2 features -> a head per label type -> mIoU table and the K-means figure."""
+    from dataclasses import replace
+
+    from pipeline.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig()
+    if quick:
+        cfg = replace(cfg, n_train=12, n_val=6, labels=("gt", "scribble", "seam"), kmeans_images=2,
+                      train=replace(cfg.train, min_steps=40, batch_size=8))  # fmt: skip
+    with progress_bar("it/s") as bar:
+        tasks: dict[str, Any] = {}
+
+        def report(stage: str, done: int, total: int, loss: float | None) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total, description=stage if loss is None else f"{stage} {loss:.3f}")
+
+        result = run_demo(out, cfg, progress=report)
+    _print_demo(result)
+
+
+def _print_demo(result: Any) -> None:
+    style = "green" if result.pretrained else "yellow"
+    console.print(Text(f"features: {result.weights}", style=style))
+    table = Table("labels", "val mIoU %", "pixel acc %", "train images", "train s", title="label types compared (toy val split)",
+                  title_justify="left")  # fmt: skip
+    for run in result.runs:
+        ev = run.evaluation
+        table.add_row(
+            run.labels,
+            f"{100 * ev.miou:.1f}",
+            f"{100 * ev.pixel_accuracy:.1f}",
+            str(run.train.images),
+            f"{run.train.seconds:.1f}",
+        )
+    console.print(table)
+    quality = ", ".join(f"{k.removeprefix('miou_')} {100 * v:.1f}" for k, v in result.pseudo_quality.items())
+    console.print(f"pseudo-label quality vs ground truth (mIoU %): {quality}")
+    if result.kmeans.mean_scores:
+        shape = ", ".join(f"K={k}: {100 * v:.1f}" for k, v in result.kmeans.mean_scores.items())
+        console.print(f"K-means clusters vs objects (Hungarian mIoU %): {shape}")
+    console.print(f"\n[bold]outputs[/] in {result.out}:")
+    console.print(f"  dataset + workspace   {result.out / 'VOC2012'}, {result.out / 'ssvt.toml'}")
+    console.print(f"  feature stores        {result.out / 'cache'}   (ssvt info <store>)")
+    console.print(
+        f"  runs                  {result.out / 'runs'}/<labels>/  (head, config, metrics.json, curve.png, confusion.png)"
+    )
+    console.print(f"  K-means figure        {result.kmeans.figures[0]}")

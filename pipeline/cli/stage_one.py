@@ -1,0 +1,224 @@
+"""``ssvt init``, ``make-toy``, ``extract``, ``info`` and ``models``."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from pipeline.cli._common import (
+    ConfigOpt,
+    _update_task,
+    app,
+    console,
+    err_console,
+    errors_as_one_line,
+    kv_table,
+    progress_bar,
+)  # fmt: skip
+from pipeline.config import INIT_TEMPLATE, WORKSPACE_FILE, ExtractConfig, Workspace
+from pipeline.errors import ConfigError
+
+# ---------------------------------------------------------------- workspace and toy data
+
+
+@app.command()
+@errors_as_one_line
+def init(
+    path: Annotated[Path, typer.Argument(help="Where to write the workspace file.")] = Path(WORKSPACE_FILE),
+    force: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+) -> None:
+    """Write a commented ssvt.toml workspace file to edit: dataset root, splits, cache and label sources."""
+    if path.exists() and not force:
+        raise ConfigError(f"{path} exists; pass --force to replace it")
+    path.write_text(INIT_TEMPLATE)
+    console.print(f"wrote {path}: set [dataset] root and the label sources, then run `ssvt extract`")
+
+
+@app.command("make-toy")
+@errors_as_one_line
+def make_toy_cmd(
+    out: Annotated[Path, typer.Argument(help="Folder to write the toy dataset and its ssvt.toml into.")],
+    n_train: Annotated[int, typer.Option(help="Training images.")] = 64,
+    n_val: Annotated[int, typer.Option(help="Validation images.")] = 24,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
+) -> None:
+    """Write a small synthetic dataset in the PASCAL VOC layout, with every label type, and its ssvt.toml.
+
+    Labels in their real formats: scribbles (XML, PNG), points (JSON), pseudo-masks (seam, eps),
+    vision-language masks and image-level cls_labels.npy."""
+    from pipeline.toy import make_toy
+
+    make_toy(out, n_train=n_train, n_val=n_val, seed=seed)
+    console.print(f"wrote {n_train} train + {n_val} val images, their label sets and {out / WORKSPACE_FILE}")
+    console.print(f"next: cd {out} && ssvt extract --model dinov2_vits14   (add --random-init when no weights are cached)")
+
+
+# ---------------------------------------------------------------- stage one
+
+
+@app.command()
+@errors_as_one_line
+def extract(
+    model: Annotated[
+        str, typer.Option(help="Backbone: a DINOv2 hub name (dinov2_vits14 ... dinov2_vitg14_reg); `ssvt models` lists them.")
+    ] = "dinov2_vitl14",
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Dataset: a VOC root, an images/ (+ masks/) folder, a plain image folder or a text file listing images. "
+            "Default: the workspace's [dataset] root."
+        ),
+    ] = None,
+    split: Annotated[
+        list[str] | None,
+        typer.Option(help="Split(s) to extract (VOC ImageSets/Segmentation/<split>.txt). Default: the workspace's splits."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Store path (one split). Default: <cache>/<model>-<size>-<layers>/<split>.zarr.")
+    ] = None,
+    size: Annotated[
+        int,
+        typer.Option(
+            help="Canvas side in pixels, a multiple of 14: images are resized so the longer side is this, "
+            "then padded to a square."
+        ),
+    ] = 448,
+    layers: Annotated[
+        str, typer.Option(help="Blocks to cache: last, last4 (the '+ms' recipe, concatenated) or indices like 8,9,10,11.")
+    ] = "last",
+    flip: Annotated[
+        bool, typer.Option(help="Also cache the horizontally flipped view (training augmentation, flip test-time augmentation).")
+    ] = False,
+    weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="Weights: an HF model folder or an official dinov2_*_pretrain.pth. Default: the torch hub / HF caches."
+        ),
+    ] = None,
+    random_init: Annotated[
+        bool, typer.Option(help="Use a seeded random initialisation instead of pretrained weights (tests and offline demos).")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass (halved automatically on CUDA out-of-memory).")] = 8,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes that decode and resize images.")] = 2,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    images_per_shard: Annotated[int | None, typer.Option(help="Images per zarr shard (default: about 128 MB per shard).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store made with other settings.")] = False,
+    strict: Annotated[bool, typer.Option(help="Stop at the first unreadable image instead of reporting it at the end.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Run a frozen DINOv2 once over a dataset and cache its patch tokens in a sharded zarr store.
+
+    Rerunning the same command after a crash finishes the missing shards only."""
+    from pipeline.extract import extract as run_extract
+
+    cfg = ExtractConfig(
+        model=model, size=size, layers=layers, flip=flip, weights=str(weights) if weights else None,
+        random_init=random_init, batch_size=batch_size, workers=workers, device=device,
+        images_per_shard=images_per_shard, strict=strict,
+    )  # fmt: skip
+    for split_name, items, store_path in _extract_targets(cfg, data, split, out, config):
+        with progress_bar() as bar:
+            task = bar.add_task(f"extract {split_name}", total=None)
+            summary = run_extract(
+                items, store_path, cfg, overwrite=overwrite,
+                progress=functools.partial(_update_task, bar, task),
+            )  # fmt: skip
+        _print_extract_summary(split_name, summary)
+
+
+def _extract_targets(
+    cfg: ExtractConfig, data: Path | None, splits: list[str] | None, out: Path | None, config: Path | None
+) -> list[tuple[str, Any, Path]]:
+    from pipeline.data import find_images
+
+    ws = Workspace.find(config)
+    if data is None and ws is None:
+        raise ConfigError(f"no dataset: pass --data PATH or run where a {WORKSPACE_FILE} is (see `ssvt init`)")
+    root = data if data is not None else ws.data_root  # type: ignore[union-attr]
+    fmt = None if data is not None else ws.data_format  # type: ignore[union-attr]
+    names: list[str | None] = list(splits) if splits else (list(ws.splits) if ws and data is None else [None])
+    if out is not None and len(names) > 1:
+        raise ConfigError(f"--out names one store but {len(names)} splits are selected; add --split")
+    targets = []
+    for name in names:
+        items = find_images(root, name, fmt)
+        label = name or Path(root).stem
+        if out is not None:
+            path = out
+        elif ws is not None:
+            path = ws.cache_dir / cfg.cache_name / f"{label}.zarr"
+        else:
+            raise ConfigError("no workspace to name the store after: pass --out STORE.zarr")
+        targets.append((label, items, path))
+    return targets
+
+
+def _print_extract_summary(split: str, s: Any) -> None:
+    rows = [
+        ("store", s.store), ("images", s.n_images), ("extracted now", s.images_done),
+        ("shards written / already done", f"{s.shards_written} / {s.shards_skipped}"),
+        ("unreadable images", len(s.failed)), ("device", s.device), ("weights", s.weights_source),
+        ("time", f"{s.seconds:.1f} s"), ("throughput", f"{s.images_per_s:.1f} img/s"),
+    ]  # fmt: skip
+    console.print(kv_table(f"extract {split}", rows))
+    for path, error in s.failed:
+        err_console.print(Text(f"unreadable: {path}: {error}", style="yellow"))
+
+
+@app.command()
+@errors_as_one_line
+def info(store: Annotated[Path, typer.Argument(help="A feature store (.zarr folder).")]) -> None:
+    """Describe a feature store: model, grid, views, images, completeness, size on disk, label sets."""
+    from pipeline.store import FeatureStore
+
+    fs = FeatureStore.open(store)
+    i = fs.info()
+    gib = 2**30
+    rows = [
+        ("backbone", i["backbone"]),
+        ("weights", f"{str(fs.attrs.get('weights_sha256', ''))[:12]}… ({fs.attrs.get('weights_source', '?')})"),
+        ("layers", ", ".join(map(str, i["layers"]))),
+        ("canvas / grid", f"{i['size']} px / {i['grid'][0]} x {i['grid'][1]} tokens"),
+        ("channels", i["channels"]), ("views", ", ".join(i["views"])),
+        ("images", f"{i['n_images']} ({i['ok']} ok, {i['failed']} unreadable, {i['not_written']} not written yet)"),
+        ("complete", f"{'yes' if i['complete'] else 'NO'}: {i['done_shards']} of {i['n_shards']} shards"
+                     f" ({i['images_per_shard']} images per shard)"),
+        ("bytes on disk", f"{i['bytes_on_disk'] / gib:.3f} GiB (raw tokens {i['raw_token_bytes'] / gib:.3f} GiB)"),
+        ("label sets", ", ".join(ls["name"] for ls in i["label_sets"]) or "none imported yet"),
+        ("fingerprint", i["fingerprint"]),
+    ]  # fmt: skip
+    console.print(kv_table(str(store), rows))
+    if i["label_sets"]:
+        _print_label_sets([Path(ls["path"]) for ls in i["label_sets"]])
+
+
+def _print_label_sets(paths: list[Path]) -> None:
+    from pipeline.labels import LabelStore
+    from pipeline.voc import CLASS_NAMES
+
+    table = Table("set", "kind", "images", "pixels", "dropped", "top classes", title_justify="left",
+                  title="imported label sets (labelled images, labelled pixel fraction, out-of-image clicks/points)")  # fmt: skip
+    for path in paths:
+        a = LabelStore.open(path).attrs
+        hist = a["class_histogram"]
+        top = sorted(range(1, len(hist)), key=lambda c: -hist[c])[:3]  # foreground classes
+        names = [CLASS_NAMES[c] if len(hist) == len(CLASS_NAMES) else str(c) for c in top if hist[c]]
+        table.add_row(a["name"], a["kind"], f"{a['images_labelled']} / {a['images']}", f"{100 * a['labelled_fraction']:.2f}%",
+                      str(a["points_dropped"]), ", ".join(names))  # fmt: skip
+    console.print(table)
+
+
+@app.command()
+def models() -> None:
+    """List the backbones ssvt can build, with their size."""
+    from pipeline.backbones import BACKBONES
+
+    table = Table("name", "dim", "depth", "heads", "registers", "HF id", title="backbones")
+    for spec in BACKBONES.values():
+        table.add_row(spec.name, str(spec.hidden_size), str(spec.depth), str(spec.heads), str(spec.registers), spec.hf_id or "-")
+    console.print(table)

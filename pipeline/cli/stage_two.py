@@ -1,0 +1,165 @@
+"""``ssvt train-head`` and ``ssvt evaluate``."""
+
+from __future__ import annotations
+
+import functools
+
+# ---------------------------------------------------------------- stage two
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from pipeline.cli._common import (
+    ConfigOpt,
+    DeviceOpt,
+    FeaturesOpt,
+    _update_task,
+    app,
+    console,
+    err_console,
+    errors_as_one_line,
+    kv_table,
+    progress_bar,
+)  # fmt: skip
+from pipeline.config import Workspace
+
+
+class Schedule(StrEnum):
+    poly = "poly"
+    cosine = "cosine"
+
+
+@app.command("train-head")
+@errors_as_one_line
+def train_head_cmd(
+    labels: Annotated[
+        str, typer.Option(help="Label set: a name from ssvt.toml [labels.*] (gt, scribble, point, seam, eps, vl) or a path.")
+    ],
+    head: Annotated[str, typer.Option(help="Head: linear, bn-linear (the DINOv2 protocol), mlp or conv.")] = "bn-linear",
+    label_kind: Annotated[
+        str | None, typer.Option(help="Kind of a label set given as a path (mask, scribble-xml, points-json, ...).")
+    ] = None,
+    store: Annotated[
+        Path | None, typer.Option(help="Training feature store. Default: the workspace's train split in the cache.")
+    ] = None,
+    val_store: Annotated[
+        Path | None,
+        typer.Option(help="Validation store (evaluated at the end). Default: the val split next to the training store."),
+    ] = None,
+    gt: Annotated[str, typer.Option(help="Ground truth for the final evaluation: a label-set name or a mask folder.")] = "gt",
+    features: FeaturesOpt = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder. Default: <runs>/<labels>-<head>[-n].")] = None,
+    epochs: Annotated[int, typer.Option(help="Passes over the labelled training images.")] = 30,
+    min_steps: Annotated[int, typer.Option(help="Train at least this many steps (more epochs on small datasets).")] = 300,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 16,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-4,
+    warmup: Annotated[float, typer.Option(help="Fraction of the steps spent warming the learning rate up.")] = 0.05,
+    schedule: Annotated[Schedule, typer.Option(help="Learning-rate decay after warm-up.")] = Schedule.poly,
+    pixels_per_image: Annotated[
+        int | None, typer.Option(help="Dense labels: train on this many random labelled pixels per image (default: all).")
+    ] = None,
+    flip: Annotated[bool, typer.Option(help="Use the cached flipped view as augmentation when there is one.")] = True,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same head.")] = 0,
+    device: DeviceOpt = "auto",
+    strict: Annotated[bool, typer.Option(help="Fail when some images have no label instead of leaving them out.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Train a light head on cached features with (imperfect) labels, then evaluate it.
+
+    The validation split is evaluated when it is cached. Writes a run folder (weights, config,
+    metrics, curve, confusion matrix, log)."""
+    from pipeline.config import TrainConfig, label_source
+    from pipeline.runs import train_and_evaluate
+
+    ws = Workspace.find(config)
+    cfg = TrainConfig(
+        labels=labels, head=head, epochs=epochs, min_steps=min_steps, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, warmup=warmup,
+        schedule=schedule.value, pixels_per_image=pixels_per_image, flip=flip, seed=seed, device=device,
+    )  # fmt: skip
+    source = label_source(labels, ws, label_kind)
+    gt_source = _optional_gt(gt, ws)
+    with progress_bar("step/s") as bar:
+        tasks: dict[str, Any] = {}
+
+        def report(stage: str, done: int, total: int, loss: float | None = None) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(
+                tasks[stage], completed=done, total=total, description=stage if loss is None else f"{stage} loss {loss:.3f}"
+            )
+
+        outcome = train_and_evaluate(cfg, source, ws, store=store, val_store=val_store, gt=gt_source, features=features,
+                                     out=out, strict=strict, progress=report)  # fmt: skip
+    _print_run(outcome)
+
+
+def _optional_gt(gt: str, ws: Workspace | None) -> Any:
+    from pipeline.config import label_source
+
+    if ws is not None and gt in ws.labels:
+        return ws.labels[gt]
+    return label_source(gt, ws) if Path(gt).exists() else None
+
+
+def _print_run(outcome: Any) -> None:
+    console.print(kv_table("train-head", [
+        ("run", outcome.run_dir), ("labels", outcome.labels), ("images", outcome.train.images),
+        ("epochs / steps", f"{outcome.train.epochs} / {outcome.train.steps}"),
+        ("features", "in memory" if outcome.train.in_memory else "streamed from the store"),
+        ("train time", f"{outcome.train.seconds:.1f} s"),
+    ]))  # fmt: skip
+    if outcome.evaluation is not None:
+        _print_eval(outcome.evaluation)
+    else:
+        console.print("no validation store or ground truth: not evaluated (see `ssvt evaluate RUN`)")
+
+
+def _print_eval(result: Any) -> None:
+    table = Table("class", "IoU %", title="per-class IoU", title_justify="left")
+    for name, value in result.per_class_iou.items():
+        table.add_row(name, "-" if value is None else f"{100 * value:.1f}")
+    console.print(table)
+    tta = ", flip TTA" if result.flip_tta else ""
+    console.print(
+        f"[bold]mIoU {100 * result.miou:.1f}[/]  pixel accuracy {100 * result.pixel_accuracy:.1f}  ({result.images} images{tta})"
+    )
+    if result.skipped:
+        err_console.print(Text(f"{len(result.skipped)} images without ground truth or features were skipped", style="yellow"))
+
+
+@app.command()
+@errors_as_one_line
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="A train-head run folder.")],
+    store: Annotated[
+        Path | None, typer.Option(help="Validation feature store. Default: the val split next to the run's training store.")
+    ] = None,
+    gt: Annotated[str, typer.Option(help="Ground truth: a label-set name from ssvt.toml or a mask folder.")] = "gt",
+    flip_tta: Annotated[bool, typer.Option(help="Average with the cached flipped view (needs extract --flip).")] = False,
+    save_predictions: Annotated[
+        Path | None, typer.Option(help="Write palette PNGs <id>.png at original resolution here.")
+    ] = None,
+    device: DeviceOpt = "auto",
+    config: ConfigOpt = None,
+) -> None:
+    """Score a trained head as papers do: one confusion matrix over the split at original resolution."""
+    from pipeline.config import label_source
+    from pipeline.runs import evaluate_existing
+
+    ws = Workspace.find(config)
+    with progress_bar() as bar:
+        task = bar.add_task("evaluate", total=None)
+        result = evaluate_existing(run, label_source(gt, ws), ws, store=store, flip_tta=flip_tta,
+                                   save_predictions=save_predictions, device=device,
+                                   progress=functools.partial(_update_task, bar, task))  # fmt: skip
+    _print_eval(result)
+    console.print(
+        f"wrote {run / 'metrics.json'}, {run / 'confusion.png'}"
+        + (f", predictions in {save_predictions}" if save_predictions else "")
+    )
