@@ -28,8 +28,8 @@ import torch
 
 from pipeline import __version__
 from pipeline.backbones import Backbone, build_backbone, resolve_layers, resolve_weights
-from pipeline.config import ExtractConfig
-from pipeline.data import CanvasDataset, ImageItem
+from pipeline.config import WORKSPACE_FILE, ExtractConfig, Workspace
+from pipeline.data import CanvasDataset, ImageItem, find_images
 from pipeline.errors import ConfigError, DataError, StoreMismatchError
 from pipeline.store import FeatureStore, default_images_per_shard
 
@@ -58,6 +58,33 @@ class ExtractSummary:
     @property
     def images_per_s(self) -> float:
         return self.images_done / self.seconds if self.seconds > 0 else 0.0
+
+
+def plan_extract(
+    cfg: ExtractConfig,
+    ws: Workspace | None,
+    *,
+    data: Path | None = None,
+    splits: list[str] | None = None,
+    out: Path | None = None,
+) -> list[tuple[str, list[ImageItem], Path]]:
+    """(name, images, store path) for each store to write: ``data`` or the workspace's dataset, each
+    of ``splits`` (default: the workspace's), into ``out`` or ``<cache>/<cache_name>/<split>.zarr``."""
+    if data is None and ws is None:
+        raise ConfigError(f"no dataset: pass --data PATH or run where a {WORKSPACE_FILE} is (see `ssvt init`)")
+    root = data if data is not None else ws.data_root  # type: ignore[union-attr]
+    fmt = None if data is not None else ws.data_format  # type: ignore[union-attr]
+    names: list[str | None] = list(splits) if splits else (list(ws.splits) if ws and data is None else [None])
+    if out is not None and len(names) > 1:
+        raise ConfigError(f"--out names one store but {len(names)} splits are selected; add --split")
+    targets = []
+    for name in names:
+        label = name or Path(root).stem
+        if out is None and ws is None:
+            raise ConfigError("no workspace to name the store after: pass --out STORE.zarr")
+        path = out if out is not None else ws.store_path(cfg, label)  # type: ignore[union-attr]
+        targets.append((label, find_images(root, name, fmt), path))
+    return targets
 
 
 def pick_device(spec: str) -> torch.device:

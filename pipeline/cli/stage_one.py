@@ -115,13 +115,14 @@ def extract(
 
     Rerunning the same command after a crash finishes the missing shards only."""
     from pipeline.extract import extract as run_extract
+    from pipeline.extract import plan_extract
 
     cfg = ExtractConfig(
         model=model, size=size, layers=layers, flip=flip, weights=str(weights) if weights else None,
         random_init=random_init, batch_size=batch_size, workers=workers, device=device,
         images_per_shard=images_per_shard, strict=strict,
     )  # fmt: skip
-    for split_name, items, store_path in _extract_targets(cfg, data, split, out, config):
+    for split_name, items, store_path in plan_extract(cfg, Workspace.find(config), data=data, splits=split, out=out):
         with progress_bar() as bar:
             task = bar.add_task(f"extract {split_name}", total=None)
             summary = run_extract(
@@ -129,33 +130,6 @@ def extract(
                 progress=functools.partial(_update_task, bar, task),
             )  # fmt: skip
         _print_extract_summary(split_name, summary)
-
-
-def _extract_targets(
-    cfg: ExtractConfig, data: Path | None, splits: list[str] | None, out: Path | None, config: Path | None
-) -> list[tuple[str, Any, Path]]:
-    from pipeline.data import find_images
-
-    ws = Workspace.find(config)
-    if data is None and ws is None:
-        raise ConfigError(f"no dataset: pass --data PATH or run where a {WORKSPACE_FILE} is (see `ssvt init`)")
-    root = data if data is not None else ws.data_root  # type: ignore[union-attr]
-    fmt = None if data is not None else ws.data_format  # type: ignore[union-attr]
-    names: list[str | None] = list(splits) if splits else (list(ws.splits) if ws and data is None else [None])
-    if out is not None and len(names) > 1:
-        raise ConfigError(f"--out names one store but {len(names)} splits are selected; add --split")
-    targets = []
-    for name in names:
-        items = find_images(root, name, fmt)
-        label = name or Path(root).stem
-        if out is not None:
-            path = out
-        elif ws is not None:
-            path = ws.cache_dir / cfg.cache_name / f"{label}.zarr"
-        else:
-            raise ConfigError("no workspace to name the store after: pass --out STORE.zarr")
-        targets.append((label, items, path))
-    return targets
 
 
 def _print_extract_summary(split: str, s: Any) -> None:
