@@ -73,13 +73,21 @@ class FeatureBatches:
         if in_memory:
             self.tokens = self._load_all()
 
-    def _load_all(self) -> torch.Tensor:
+    def _load_all(self, per_read: int = 8) -> torch.Tensor:
+        """All training tokens into one tensor on the device, read a few consecutive images per call
+        into a reused buffer (REFERENCE.md section 6: large single reads are slow)."""
         shape = (len(self.indices), self.store.n_views, *self.store.grid, self.store.channels)
         out = torch.empty(shape, dtype=torch.float16, device=self.device)
-        buffer = np.empty((1, *shape[1:]), dtype=np.float16)
-        for pos, index in enumerate(self.indices.tolist()):
-            self.store.read_tokens(index, index + 1, out=buffer)
-            out[pos] = torch.from_numpy(buffer[0]).to(self.device)
+        buffer = np.empty((per_read, *shape[1:]), dtype=np.float16)
+        pos = 0
+        while pos < len(self.indices):
+            start = int(self.indices[pos])
+            n = 1
+            while n < per_read and pos + n < len(self.indices) and self.indices[pos + n] == start + n:
+                n += 1
+            self.store.read_tokens(start, start + n, out=buffer[:n])
+            out[pos : pos + n] = torch.from_numpy(buffer[:n]).to(self.device)
+            pos += n
         return out
 
     def epoch(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

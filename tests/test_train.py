@@ -181,3 +181,15 @@ def test_run_folder_default_names_do_not_overwrite(ws):
     assert b.run_dir == ws.runs_dir / "seam-bn-linear-2"
     assert Path(a.run_dir / "head.safetensors").exists()
     assert Path(b.run_dir / "head.safetensors").exists()
+
+
+def test_in_memory_features_equal_the_store_for_any_index_set(ws):
+    from pipeline.train import FeatureBatches
+
+    store = FeatureStore.open(ws.store_path(TINY, "train"))
+    indices = np.array([0, 1, 2, 5, 6, 9, 10, 11, 12, 13, 14, 15])  # runs longer and shorter than a read
+    batches = FeatureBatches(store, indices, 4, torch.device("cpu"), in_memory=True)
+    assert batches.tokens is not None
+    np.testing.assert_array_equal(batches.tokens.numpy(), store.read_tokens(0, store.n_images)[indices])
+    seen = [int(p) for pos, _ in batches.epoch(torch.Generator().manual_seed(0)) for p in pos]
+    assert sorted(seen) == list(range(len(indices)))
