@@ -352,7 +352,9 @@ def kmeans_viz(
     ]
     out_dir.mkdir(parents=True, exist_ok=True)
     names = CLASS_NAMES if cfg.num_classes <= len(CLASS_NAMES) else [str(c) for c in range(cfg.num_classes)]
-    title = f"{store.backbone} tokens (layers {store.layers}), {mode}"
+    random = " (random init)" if str(store.attrs.get("weights_source", "")).startswith("random") else ""
+    layers = ",".join(map(str, store.layers))
+    title = f"{store.backbone}{random} tokens, layer {layers}, {store.size} px, {mode}"
     figures = kmeans_figure(
         rows, cfg.ks, out_dir / FIGURE_STEM, show_pca=cfg.pca, show_gt=gt is not None, class_names=names, title=title, dpi=cfg.dpi
     )
