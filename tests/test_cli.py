@@ -113,3 +113,16 @@ def test_demo_quick_runs_end_to_end(tmp_path):
         assert word in out
     assert (tmp_path / "demo" / "kmeans" / "kmeans.png").exists()
     assert json.loads((tmp_path / "demo" / "runs" / "gt" / "metrics.json").read_text())["miou"] > 0.2
+
+
+def test_file_system_errors_are_one_line(tmp_path, monkeypatch):
+    import pipeline.cli.stage_one as stage_one
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "ssvt.toml"))
+
+    monkeypatch.setattr(stage_one.Path, "write_text", full_disk)
+    result = runner.invoke(app, ["init", str(tmp_path / "ssvt.toml")])
+    assert result.exit_code == 1
+    assert "No space left on device" in result.output
+    assert "Traceback" not in result.output

@@ -53,13 +53,15 @@ def _main(
 
 
 def errors_as_one_line(fn: F) -> F:
-    """Print an ssvt error as one red line and exit 1 (a traceback only with --debug)."""
+    """Print an ssvt or file-system error as one red line and exit 1 (a traceback only with --debug)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (SsvtError, KeyboardInterrupt) as exc:
+        except (SsvtError, OSError, KeyboardInterrupt) as exc:
+            # OSError: a full disk or a read-only folder outside the stores' own checks still gets
+            # one line naming the path (the errno text says what happened).
             if _state["debug"]:
                 raise
             message = "interrupted; rerun the same command to resume" if isinstance(exc, KeyboardInterrupt) else str(exc)
