@@ -291,3 +291,52 @@ path = "VOCdevkit/VOC2012/SegmentationClassAug"
 # kind = "mask"
 # path = "EPS/result/cam_png"
 """
+
+#: The workspace `ssvt make-toy` writes next to its data (the label sources of the toy).
+TOY_WORKSPACE = """\
+# ssvt workspace (written by `ssvt make-toy`): the dataset, where caches and runs go, and the label sources.
+# Relative paths are relative to this file.
+
+[dataset]
+root = "VOC2012"                # a VOC root: JPEGImages/, SegmentationClass/, ImageSets/Segmentation/
+format = "voc"
+splits = ["train", "val"]       # ImageSets/Segmentation/<split>.txt
+train_split = "train"
+val_split = "val"
+num_classes = 21
+
+[paths]
+cache = "cache"                 # feature stores
+runs = "runs"                   # one folder per training run
+
+# Label sources by name (`--labels NAME`). Kinds: mask (PNG class ids, 255 = ignore), scribble-xml
+# (ScribbleSup), points-json ("What's the Point", + background clicks), cls-labels (cls_labels.npy).
+[labels.gt]
+kind = "mask"                   # the full ground truth: the upper bound
+path = "VOC2012/SegmentationClass"
+
+[labels.scribble]
+kind = "scribble-xml"           # one stroke per object and 1-2 background strokes, short tags
+path = "labels/scribbles"
+
+[labels.point]
+kind = "points-json"            # one click per object ...
+path = "labels/points.json"
+background = "labels/points_bg.json"   # ... plus 1-2 background clicks
+
+[labels.seam]
+kind = "mask"                   # SEAM-like pseudo-masks from image-level labels (poorer)
+path = "labels/pseudo_seam"
+
+[labels.eps]
+kind = "mask"                   # EPS-like pseudo-masks (better)
+path = "labels/pseudo_eps"
+
+[labels.vl]
+kind = "mask"                   # zero-shot vision-language masks, 255 = low confidence
+path = "labels/vl"
+
+[labels.cls]
+kind = "cls-labels"             # image-level labels: id -> 20 multi-hot, no background slot
+path = "labels/cls_labels.npy"
+"""

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from pipeline.config import TOY_WORKSPACE
 from pipeline.errors import ConfigError
 from pipeline.geometry import IGNORE
 from pipeline.metrics import ConfusionMatrix
@@ -408,56 +409,7 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, sort_keys=True, indent=1) + "\n")
 
 
-WORKSPACE_TOML = """\
-# ssvt workspace (written by `ssvt make-toy`): the dataset, where caches and runs go, and the label sources.
-# Relative paths are relative to this file.
-
-[dataset]
-root = "VOC2012"                # a VOC root: JPEGImages/, SegmentationClass/, ImageSets/Segmentation/
-format = "voc"
-splits = ["train", "val"]       # ImageSets/Segmentation/<split>.txt
-train_split = "train"
-val_split = "val"
-num_classes = 21
-
-[paths]
-cache = "cache"                 # feature stores
-runs = "runs"                   # one folder per training run
-
-# Label sources by name (`--labels NAME`). Kinds: mask (PNG class ids, 255 = ignore), scribble-xml
-# (ScribbleSup), points-json ("What's the Point", + background clicks), cls-labels (cls_labels.npy).
-[labels.gt]
-kind = "mask"                   # the full ground truth: the upper bound
-path = "VOC2012/SegmentationClass"
-
-[labels.scribble]
-kind = "scribble-xml"           # one stroke per object and 1-2 background strokes, short tags
-path = "labels/scribbles"
-
-[labels.point]
-kind = "points-json"            # one click per object ...
-path = "labels/points.json"
-background = "labels/points_bg.json"   # ... plus 1-2 background clicks
-
-[labels.seam]
-kind = "mask"                   # SEAM-like pseudo-masks from image-level labels (poorer)
-path = "labels/pseudo_seam"
-
-[labels.eps]
-kind = "mask"                   # EPS-like pseudo-masks (better)
-path = "labels/pseudo_eps"
-
-[labels.vl]
-kind = "mask"                   # zero-shot vision-language masks, 255 = low confidence
-path = "labels/vl"
-
-[labels.cls]
-kind = "cls-labels"             # image-level labels: id -> 20 multi-hot, no background slot
-path = "labels/cls_labels.npy"
-"""
-
-
-def write_workspace(path: Path, text: str = WORKSPACE_TOML) -> Path:
+def write_workspace(path: Path, text: str = TOY_WORKSPACE) -> Path:
     """Write the toy's ``ssvt.toml`` (paths relative to the file) to ``path``; returns ``path``."""
     path.write_text(text)
     return path
