@@ -168,26 +168,32 @@ def subsampled_dense_loss(
 ) -> torch.Tensor:
     """An unbiased estimate of :func:`dense_loss` from at most ``n_pixels`` labelled pixels per image.
 
-    Each image keeps a uniform random subset of n_i = min(n_pixels, N_i) of its N_i labelled pixels,
-    each weighted by N_i / (n_i * sum N), so the expectation is the mean over all labelled pixels;
-    with ``n_pixels >= N_i`` for every image it equals :func:`dense_loss` exactly. ``generator`` is a
-    CPU generator (the selection happens on the labels' device via CPU random keys).
+    Image i with N_i labelled pixels keeps all of them when N_i <= n_pixels, else n_pixels drawn
+    uniformly with replacement; each kept pixel is weighted N_i / (n_i * sum N), so the expectation is
+    the mean over all labelled pixels, and with ``n_pixels >= N_i`` for every image it equals
+    :func:`dense_loss` exactly. Drawing with replacement costs O(n_pixels) per image, where a
+    without-replacement draw (a permutation) would cost O(N_i) every step. ``generator`` is a CPU
+    generator.
     """
     if n_pixels <= 0:
         raise ValueError(f"n_pixels must be positive, got {n_pixels}")
-    px = labelled_pixels(labels)
-    counts = torch.bincount(px.batch_idx, minlength=labels.shape[0])
-    if px.y.numel() == 0:
+    b, (h_out, w_out) = labels.shape[0], labels.shape[-2:]
+    flat = labels.reshape(b, -1)
+    labelled = flat != IGNORE
+    counts = labelled.sum(dim=1).tolist()
+    total = sum(counts)
+    if total == 0:
         return _zero(logits)
-    # Random rank of each pixel within its image: sort by (image, random key), rank = position - start.
-    keys = torch.rand(px.y.numel(), generator=generator).to(px.y.device)
-    order = torch.argsort(px.batch_idx.to(torch.float64) * 2.0 + keys.to(torch.float64))
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel(), device=order.device) - starts[px.batch_idx[order]]
-    keep = rank < n_pixels
-    b = px.batch_idx[keep]
-    kept = counts.clamp(max=n_pixels)
-    weights = counts[b].double() / (kept[b].double() * counts.sum().double())
-    coords = (b, px.y[keep], px.x[keep])
-    return point_sampled_loss(logits, coords, px.target[keep], (labels.shape[-2], labels.shape[-1]), weights=weights)
+    batch_idx, pixel, weights = [], [], []
+    for i, n_i in enumerate(counts):
+        if n_i == 0:
+            continue
+        idx = labelled[i].nonzero().squeeze(1)
+        if n_i > n_pixels:
+            idx = idx[torch.randint(n_i, (n_pixels,), generator=generator).to(idx.device)]
+        batch_idx.append(torch.full_like(idx, i))
+        pixel.append(idx)
+        weights.append(torch.full((idx.numel(),), n_i / (idx.numel() * total), dtype=torch.float64))
+    bi, px = torch.cat(batch_idx), torch.cat(pixel)
+    coords = (bi, px // w_out, px % w_out)
+    return point_sampled_loss(logits, coords, flat[bi, px].long(), (h_out, w_out), weights=torch.cat(weights))

@@ -190,13 +190,14 @@ def test_subsampled_keeps_n_per_image_and_is_unbiased() -> None:
     dense = dense_loss(logits, labels)
     g = torch.Generator().manual_seed(0)
     draws = torch.stack([subsampled_dense_loss(logits, labels, n, g) for _ in range(300)])
-    # The estimator's exact standard error follows from the per-image variance of the per-pixel loss.
+    # The estimator's exact standard error follows from the per-image variance of the per-pixel loss
+    # (n draws with replacement per image).
     total = int((labels != IGNORE).sum())
     var = 0.0
     for i in range(3):
         li = per_pixel[i][labels[i] != IGNORE]
         ni = li.numel()
-        var += (ni / total) ** 2 * li.var(correction=0).item() / n * (ni - n) / (ni - 1)
+        var += (ni / total) ** 2 * li.var(correction=0).item() / n
     stderr = (var / len(draws)) ** 0.5
     assert abs(draws.mean().item() - dense.item()) < 4 * stderr
     assert draws.std().item() > 0  # it really samples
