@@ -34,6 +34,7 @@ from zarr.buffer.cpu import NDBuffer
 
 from pipeline import __version__
 from pipeline.errors import StoreError
+from pipeline.shardread import ShardReader
 
 if TYPE_CHECKING:
     from zarr.core.array_spec import ArrayConfigParams
@@ -208,6 +209,10 @@ class FeatureStore:
                     "remove it and extract again (--overwrite)"
                 )
             self._arrays[name] = arr.with_config(_ARRAY_CONFIG)
+        chunk_bytes = self.grid[0] * self.grid[1] * self.channels * 2
+        codecs = list(self._arrays["tokens"].metadata.to_dict()["codecs"])
+        self._direct = ShardReader.for_array(path / "tokens", codecs, self.images_per_shard, self.n_views, 5, chunk_bytes)
+        self._shard_bufs: tuple[np.ndarray, np.ndarray] | None = None  # reused by iter_shards across epochs
 
     # -- creating and opening ---------------------------------------------------------------------
 
@@ -405,22 +410,29 @@ class FeatureStore:
             )
         rng = None if shuffle_seed is None else np.random.default_rng(shuffle_seed)
         order = np.arange(self.n_shards) if rng is None else rng.permutation(self.n_shards)
-        buf = np.empty((min(self.images_per_shard, self.n_images), *self._image_shape), np.float16)
-        block = np.empty((images_per_read, *self._image_shape), np.float16)
+        if self._shard_bufs is None:  # reused across calls: fresh 100+ MB buffers cost page faults
+            shape = (min(self.images_per_shard, self.n_images), *self._image_shape)
+            self._shard_bufs = (np.empty(shape, np.float16), np.empty(shape, np.float16))
+        buf, shuffled = self._shard_bufs
         for shard in order:
             start, stop = self.shard_range(int(shard))
             n = stop - start
-            perm = np.arange(n) if rng is None else rng.permutation(n)  # position j holds local image perm[j]
-            where = np.empty(n, dtype=np.intp)
-            where[perm] = np.arange(n)
-            for a in range(0, n, images_per_read):
-                b = min(n, a + images_per_read)
-                if rng is None:  # read straight into place
-                    self.read_tokens(start + a, start + b, out=buf[a:b])
-                else:  # contiguous reads are fast; scatter the small block into shuffled positions
-                    self.read_tokens(start + a, start + b, out=block[: b - a])
-                    buf[where[a:b]] = block[: b - a]
-            yield start + perm, buf[:n]
+            self._read_shard(int(shard), start, n, buf[:n], images_per_read)
+            if rng is None:
+                yield np.arange(start, stop), buf[:n]
+            else:
+                perm = rng.permutation(n)
+                np.take(buf[:n], perm, axis=0, out=shuffled[:n])
+                yield start + perm, shuffled[:n]
+
+    def _read_shard(self, shard: int, start: int, n: int, out: np.ndarray, images_per_read: int) -> None:
+        """Images [start, start + n) of one shard into ``out``: straight from the shard file when it
+        has the documented uncompressed layout (pipeline.shardread), else through zarr."""
+        if self._direct is not None and self._direct.read(shard, n, out, images_per_read):
+            return
+        for a in range(0, n, images_per_read):
+            b = min(n, a + images_per_read)
+            self.read_tokens(start + a, start + b, out=out[a:b])
 
     # -- description ------------------------------------------------------------------------------
 

@@ -100,22 +100,35 @@ class FeatureBatches:
         yield from self._stream(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
 
     def _stream(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        position = {int(index): pos for pos, index in enumerate(self.indices)}
-        pending_pos: list[int] = []
-        pending: list[np.ndarray] = []
+        """Batches in shard-aligned shuffled order; each batch is gathered from the store's reused
+        shard buffer with one copy (a batch may span two shards)."""
+        position = np.full(self.store.n_images, -1, dtype=np.int64)
+        position[self.indices] = np.arange(len(self.indices))
+        pending_pos = np.empty(0, dtype=np.int64)
+        pending: np.ndarray | None = None
         for idx, tokens in self.store.iter_shards(shuffle_seed=seed):
-            for j, index in enumerate(idx.tolist()):
-                if index in position:
-                    pending_pos.append(position[index])
-                    pending.append(tokens[j].copy())  # the store reuses its buffer
-                if len(pending) == self.batch_size:
-                    yield self._to_batch(pending_pos, pending)
-                    pending_pos, pending = [], []
-        if pending:
+            pos = position[idx]
+            rows = np.flatnonzero(pos >= 0)
+            if pending is not None:  # complete the batch left over from the previous shard
+                take = rows[: self.batch_size - len(pending_pos)]
+                rows = rows[len(take) :]
+                pending = np.concatenate([pending, tokens[take]])
+                pending_pos = np.concatenate([pending_pos, pos[take]])
+                if len(pending_pos) < self.batch_size:
+                    continue
+                yield self._to_batch(pending_pos, pending)
+                pending, pending_pos = None, np.empty(0, dtype=np.int64)
+            full = len(rows) - len(rows) % self.batch_size
+            for i in range(0, full, self.batch_size):
+                take = rows[i : i + self.batch_size]
+                yield self._to_batch(pos[take], np.take(tokens, take, axis=0))
+            if full < len(rows):
+                pending, pending_pos = tokens[rows[full:]], pos[rows[full:]]  # fancy indexing copies
+        if pending is not None and len(pending_pos):
             yield self._to_batch(pending_pos, pending)
 
-    def _to_batch(self, pos: list[int], tokens: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.tensor(pos), torch.from_numpy(np.stack(tokens)).to(self.device, non_blocking=True)
+    def _to_batch(self, pos: np.ndarray, tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.from_numpy(pos), torch.from_numpy(tokens).to(self.device, non_blocking=True)
 
 
 def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:

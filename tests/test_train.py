@@ -193,3 +193,23 @@ def test_in_memory_features_equal_the_store_for_any_index_set(ws):
     np.testing.assert_array_equal(batches.tokens.numpy(), store.read_tokens(0, store.n_images)[indices])
     seen = [int(p) for pos, _ in batches.epoch(torch.Generator().manual_seed(0)) for p in pos]
     assert sorted(seen) == list(range(len(indices)))
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 5, 16, 40])
+def test_streamed_batches_cover_the_training_images_with_the_right_tokens(ws, tmp_path, batch_size):
+    from pipeline.train import FeatureBatches
+
+    small = ExtractConfig(**{**TINY.to_dict(), "images_per_shard": 3})  # batches must span shards
+    path = tmp_path / "s.zarr"
+    extract(find_images(ws.data_root, "train"), path, small)
+    store = FeatureStore.open(path)
+    indices = np.array([0, 2, 3, 4, 7, 8, 9, 12, 15])
+    batches = FeatureBatches(store, indices, batch_size, torch.device("cpu"), in_memory=False)
+    every = store.read_tokens(0, store.n_images)
+    seen, sizes = [], []
+    for pos, tokens in batches.epoch(torch.Generator().manual_seed(3)):
+        np.testing.assert_array_equal(tokens.numpy(), every[indices[pos.numpy()]])
+        seen += pos.tolist()
+        sizes.append(len(pos))
+    assert sorted(seen) == list(range(len(indices)))
+    assert all(size == batch_size for size in sizes[:-1])
