@@ -64,8 +64,9 @@ class ShardReader:
         """``<array>/c/<shard>/0/0/...`` (default chunk key encoding, one shard along every other axis)."""
         return self.array_dir.joinpath("c", str(shard), *["0"] * (self.ndim - 1))
 
-    def read(self, shard: int, n: int, out: np.ndarray, per_read: int = 8) -> bool:
-        """Fill ``out`` ((n, V, h, w, C) float16, C-contiguous) with the shard's first n images.
+    def read(self, shard: int, n: int, out: np.ndarray, per_read: int = 8, rows: np.ndarray | None = None) -> bool:
+        """Fill ``out`` ((n, V, h, w, C) float16, C-contiguous) with the shard's first n images, image
+        i at row ``rows[i]`` (default: row i), so a shuffled copy costs nothing extra.
 
         zarr lays the chunks of a shard out in its own order (not image by image), so the chunks are
         read in file order, each run of adjacent chunks (up to ``per_read`` images' worth) with one
@@ -80,6 +81,9 @@ class ShardReader:
             if offsets is None:
                 return False
             chunks = out.reshape(n * self.views, -1).view(np.uint8)  # chunk j = image j // V, view j % V
+            dest = np.arange(n * self.views)
+            if rows is not None:
+                dest = (np.asarray(rows)[:, None] * self.views + np.arange(self.views)).ravel()
             order = np.argsort(offsets, kind="stable")
             limit = per_read * self.views
             i = 0
@@ -87,7 +91,7 @@ class ShardReader:
                 j = i + 1
                 while j < len(order) and j - i < limit and offsets[order[j]] == offsets[order[j - 1]] + self.chunk_bytes:
                     j += 1
-                buffers = [chunks[k].data for k in order[i:j]]
+                buffers = [chunks[dest[k]].data for k in order[i:j]]
                 if os.preadv(fd, buffers, int(offsets[order[i]])) != (j - i) * self.chunk_bytes:
                     return False
                 i = j

@@ -212,7 +212,7 @@ class FeatureStore:
         chunk_bytes = self.grid[0] * self.grid[1] * self.channels * 2
         codecs = list(self._arrays["tokens"].metadata.to_dict()["codecs"])
         self._direct = ShardReader.for_array(path / "tokens", codecs, self.images_per_shard, self.n_views, 5, chunk_bytes)
-        self._shard_bufs: tuple[np.ndarray, np.ndarray] | None = None  # reused by iter_shards across epochs
+        self._shard_buf: np.ndarray | None = None  # reused by iter_shards across epochs
 
     # -- creating and opening ---------------------------------------------------------------------
 
@@ -410,29 +410,30 @@ class FeatureStore:
             )
         rng = None if shuffle_seed is None else np.random.default_rng(shuffle_seed)
         order = np.arange(self.n_shards) if rng is None else rng.permutation(self.n_shards)
-        if self._shard_bufs is None:  # reused across calls: fresh 100+ MB buffers cost page faults
-            shape = (min(self.images_per_shard, self.n_images), *self._image_shape)
-            self._shard_bufs = (np.empty(shape, np.float16), np.empty(shape, np.float16))
-        buf, shuffled = self._shard_bufs
+        if self._shard_buf is None:  # reused across calls: a fresh 100+ MB buffer costs page faults
+            self._shard_buf = np.empty((min(self.images_per_shard, self.n_images), *self._image_shape), np.float16)
+        buf = self._shard_buf
         for shard in order:
             start, stop = self.shard_range(int(shard))
             n = stop - start
-            self._read_shard(int(shard), start, n, buf[:n], images_per_read)
-            if rng is None:
-                yield np.arange(start, stop), buf[:n]
-            else:
-                perm = rng.permutation(n)
-                np.take(buf[:n], perm, axis=0, out=shuffled[:n])
-                yield start + perm, shuffled[:n]
+            perm = np.arange(n) if rng is None else rng.permutation(n)  # position j holds local image perm[j]
+            where = np.empty(n, dtype=np.intp)
+            where[perm] = np.arange(n)
+            self._read_shard(int(shard), start, buf[:n], where, images_per_read)
+            yield start + perm, buf[:n]
 
-    def _read_shard(self, shard: int, start: int, n: int, out: np.ndarray, images_per_read: int) -> None:
-        """Images [start, start + n) of one shard into ``out``: straight from the shard file when it
-        has the documented uncompressed layout (pipeline.shardread), else through zarr."""
-        if self._direct is not None and self._direct.read(shard, n, out, images_per_read):
+    def _read_shard(self, shard: int, start: int, out: np.ndarray, where: np.ndarray, images_per_read: int) -> None:
+        """The images of one shard into ``out``, local image i at row ``where[i]``: straight from the
+        shard file when it has the documented uncompressed layout (pipeline.shardread), else through
+        zarr a few contiguous images per call, scattered into place."""
+        n = len(out)
+        if self._direct is not None and self._direct.read(shard, n, out, images_per_read, rows=where):
             return
+        block = np.empty((images_per_read, *self._image_shape), np.float16)
         for a in range(0, n, images_per_read):
             b = min(n, a + images_per_read)
-            self.read_tokens(start + a, start + b, out=out[a:b])
+            self.read_tokens(start + a, start + b, out=block[: b - a])
+            out[where[a:b]] = block[: b - a]
 
     # -- description ------------------------------------------------------------------------------
 

@@ -66,3 +66,19 @@ def test_other_codec_chains_are_not_read_directly(tmp_path):
     assert ShardReader.for_array(tmp_path, [{"name": "bytes"}], 4, 1, 5, 32) is None
     compressed[0]["configuration"]["codecs"] = compressed[0]["configuration"]["codecs"][:1]
     assert ShardReader.for_array(tmp_path, compressed, 4, 1, 5, 32) is not None
+
+
+def test_scattered_reads_and_zarr_fallback_give_the_same_shuffled_epoch(store):
+    s, (tokens, *_) = store
+    start, stop = s.shard_range(1)
+    rows = np.random.default_rng(0).permutation(stop - start)
+    out = np.empty((stop - start, *tokens.shape[1:]), np.float16)
+    assert s._direct.read(1, stop - start, out, per_read=2, rows=rows)
+    np.testing.assert_array_equal(out[rows], tokens[start:stop])
+    direct = [(i.copy(), t.copy()) for i, t in s.iter_shards(shuffle_seed=5)]
+    s._direct = None  # as for a store written with another codec chain
+    through_zarr = [(i.copy(), t.copy()) for i, t in s.iter_shards(shuffle_seed=5, images_per_read=3)]
+    for (i1, t1), (i2, t2) in zip(direct, through_zarr, strict=True):
+        np.testing.assert_array_equal(i1, i2)
+        np.testing.assert_array_equal(t1, t2)
+        np.testing.assert_array_equal(t1, tokens[i1])
