@@ -64,7 +64,11 @@ def fits_in_memory(nbytes: int, device: torch.device) -> bool:
 
 
 class FeatureBatches:
-    """Batches of (positions into ``indices``, tokens (b, V, h, w, C) float16 on the device)."""
+    """Batches of (positions into ``indices``, tokens (b, V, h, w, C) float16 on the device).
+
+    Streamed batches on the CPU may be views of the store's reused shard buffer: use each batch
+    before asking for the next (the training loop does).
+    """
 
     def __init__(self, store: FeatureStore, indices: np.ndarray, batch_size: int, device: torch.device, in_memory: bool):
         self.store, self.indices, self.batch_size, self.device = store, indices, batch_size, device
@@ -121,7 +125,10 @@ class FeatureBatches:
             full = len(rows) - len(rows) % self.batch_size
             for i in range(0, full, self.batch_size):
                 take = rows[i : i + self.batch_size]
-                yield self._to_batch(pos[take], tokens[take])  # one copy (fancy indexing beats np.take)
+                if take[-1] - take[0] == len(take) - 1:  # a run of the shuffled shard buffer: no copy
+                    yield self._to_batch(pos[take], tokens[take[0] : take[-1] + 1])
+                else:
+                    yield self._to_batch(pos[take], tokens[take])  # one copy
             if full < len(rows):
                 pending, pending_pos = tokens[rows[full:]], pos[rows[full:]]  # fancy indexing copies
         if pending is not None and len(pending_pos):
