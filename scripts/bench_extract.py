@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchlib import cpu_seconds, print_table
 from PIL import Image
 
 from pipeline.backbones import Backbone, build_backbone, resolve_layers
@@ -156,15 +157,6 @@ def naive_run(items: list[ImageItem], out: Path, size: int, backbone: Backbone, 
     return run
 
 
-def cpu_seconds() -> tuple[float, float]:
-    """(busy CPU seconds of the whole machine, CPU seconds of this process and its reaped children)."""
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:9]]
-    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-    t = os.times()
-    return busy, t.user + t.system + t.children_user + t.children_system
-
-
 def interleaved(methods: dict[str, Timed], repeats: int) -> dict[str, list[tuple[float, float, float, float]]]:
     """Run every method once per round (A, B, C, A, B, C, ...): (loop s, wall s, steady s, share of
     the machine's CPU that other processes used meanwhile) of each run."""
@@ -274,12 +266,6 @@ def main() -> None:
     )
     header = ("size", "method", "img/s", "img/s quiet", "ratio loop", "wall", "steady", "quiet", "quiet rounds", "others' CPU")
     print_table(header, rows)
-
-
-def print_table(header: tuple, rows: list[tuple]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(x).rjust(wd) for x, wd in zip(row, widths, strict=True)))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from benchlib import print_table
 
 from pipeline.geometry import PATCH
 from pipeline.store import FeatureStore
@@ -159,12 +160,6 @@ def main() -> None:
                  "write MB/s", "read MB/s", "shuffled", "memmap MB/s", "slower"), rows)  # fmt: skip
     print("\nread_tokens into a reused buffer, by images per call (largest shard size):")
     print_table(("case", "images/call", "MB/call", "read MB/s"), calls)
-
-
-def print_table(header: tuple, rows: list[tuple]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(x).rjust(wd) for x, wd in zip(row, widths, strict=True)))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchlib import cpu_seconds, print_table
 
 from pipeline.backbones import Backbone, build_backbone
 from pipeline.config import ExtractConfig, TrainConfig, Workspace
@@ -119,15 +120,6 @@ def online_epoch(
         return dt / done * len(items), dt, len(items)
 
     return run
-
-
-def cpu_seconds() -> tuple[float, float]:
-    """(busy CPU seconds of the whole machine, CPU seconds of this process and its reaped children)."""
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:9]]
-    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-    t = os.times()
-    return busy, t.user + t.system + t.children_user + t.children_system
 
 
 def interleaved(methods: dict[str, Timed], repeats: int) -> dict[str, list[tuple[float, float, int, float]]]:
@@ -367,12 +359,6 @@ def main() -> None:
     print_table(header, epochs)
     print(f"\nstreaming one epoch from the page cache, medians of {args.stream_repeats} interleaved rounds")
     print_table(("reader", "MB/s", "img/s", "vs memmap 8-image", "vs matching memmap"), streams)
-
-
-def print_table(header: tuple, rows: list[tuple]) -> None:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(x).rjust(wd) for x, wd in zip(row, widths, strict=True)))
 
 
 if __name__ == "__main__":
