@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline import __version__, readers
 from pipeline.config import LabelSource
-from pipeline.errors import LabelError, StoreError
+from pipeline.errors import LabelError, StoreError, store_io
 from pipeline.geometry import IGNORE, Geometry, mask_to_canvas, points_to_canvas
 from pipeline.store import FeatureStore
 
@@ -142,7 +142,7 @@ def import_labels(source: LabelSource, store: FeatureStore, *, num_classes: int,
     hist = np.zeros(num_classes, dtype=np.int64)
     missing: list[str] = []
     try:
-        with h5py.File(tmp, "w") as f:
+        with store_io(f"importing label set {source.name!r} into {path}"), h5py.File(tmp, "w") as f:
             masks = f.create_dataset(
                 "masks", (len(ids), s, s), dtype=np.uint8, chunks=(1, s, s), compression="lzf", fillvalue=IGNORE
             )

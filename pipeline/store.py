@@ -15,7 +15,6 @@ may fill disjoint shards of one store at the same time. Usage::
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -23,7 +22,6 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -33,7 +31,7 @@ import zarr
 from zarr.buffer.cpu import NDBuffer
 
 from pipeline import __version__
-from pipeline.errors import StoreError
+from pipeline.errors import StoreError, store_io
 from pipeline.shardread import ShardReader
 
 if TYPE_CHECKING:
@@ -61,30 +59,6 @@ def default_images_per_shard(grid: tuple[int, int], channels: int, views: int, t
     """Images per shard so that a full tokens shard holds about ``target_bytes`` (at least 1)."""
     per_image = views * grid[0] * grid[1] * channels * 2
     return max(1, round(target_bytes / per_image))
-
-
-_SPACE, _PERMISSION = "free space or choose --out elsewhere", "fix the permissions or choose --out elsewhere"
-_OS_ERRORS = {
-    errno.ENOSPC: ("disk full", _SPACE),
-    errno.EDQUOT: ("disk quota exceeded", _SPACE),
-    errno.EACCES: ("permission denied", _PERMISSION),
-    errno.EPERM: ("permission denied", _PERMISSION),
-    errno.EROFS: ("read-only file system", "choose --out elsewhere"),
-    errno.ENOTDIR: ("a file is in the way of a folder", "choose another --out"),
-    errno.EEXIST: ("a file is in the way of a folder", "choose another --out"),
-}
-
-
-@contextmanager
-def _io_errors(action: str) -> Iterator[None]:
-    """Turn an OSError from the file system into a StoreError that says what to do."""
-    try:
-        yield
-    except StoreError:
-        raise
-    except OSError as e:
-        what, todo = _OS_ERRORS.get(e.errno or 0, ("error", "check the path and the disk"))
-        raise StoreError(f"{what} while {action}: {todo} ({e})") from e
 
 
 def _check_json(key: str, value: Any) -> None:
@@ -244,7 +218,7 @@ class FeatureStore:
         meta = _store_attrs(ids, views, grid, channels, attrs, per_shard, sources)
         tmp = path.parent / f".{path.name}.creating-{os.getpid()}"
         try:
-            with _io_errors(f"creating {path}"):
+            with store_io(f"creating {path}"):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 shutil.rmtree(tmp, ignore_errors=True)
                 group = zarr.open_group(str(tmp), mode="w-", zarr_format=3, attributes=meta)
@@ -293,7 +267,7 @@ class FeatureStore:
             return
         if not FeatureStore.exists(path) and not (path.is_dir() and not any(path.iterdir())):
             raise StoreError(f"refusing to delete {path}: it is not a feature store (no zarr.json); remove it by hand")
-        with _io_errors(f"removing {path}"):
+        with store_io(f"removing {path}"):
             shutil.rmtree(path)
         log.info("removed %s", path)
 
@@ -348,7 +322,7 @@ class FeatureStore:
         failed = status == STATUS_FAILED
         if tokens[failed].any() or cls[failed].any():
             raise StoreError(f"shard {shard}: images with status 2 (failed) must have all-zero tokens and cls")
-        with _io_errors(f"writing shard {shard} of {self.path}"):
+        with store_io(f"writing shard {shard} of {self.path}"):
             for name, (arr, _, _) in parts.items():
                 self._arrays[name][start:stop] = np.ascontiguousarray(arr)
             self._arrays["shard_done"][shard : shard + 1] = np.ones(1, np.uint8)
@@ -372,7 +346,7 @@ class FeatureStore:
         elif out.shape != shape or out.dtype != np.float16 or not out.flags.c_contiguous:
             raise StoreError(f"out must be a C-contiguous float16 array of shape {shape}, got {out.dtype}{out.shape}")
         selection = (slice(start, stop),) if view is None else (slice(start, stop), view)
-        with _io_errors(f"reading {self.path}"):
+        with store_io(f"reading {self.path}"):
             self._arrays["tokens"].get_basic_selection(selection, out=NDBuffer.from_numpy_array(out))
         return out
 
