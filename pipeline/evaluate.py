@@ -100,11 +100,11 @@ def evaluate(
         save_predictions.mkdir(parents=True, exist_ok=True)
     for start in range(0, store.n_images, 8):
         stop = min(start + 8, store.n_images)
-        tokens = torch.from_numpy(store.read_tokens(start, stop)).to(dev)
         with torch.inference_mode():
-            logits = head(tokens[:, 0]).float()
-            if flip_tta:
-                logits = (logits + head(tokens[:, 1]).float().flip(-1)) / 2
+            logits = head(torch.from_numpy(store.read_tokens(start, stop, view=0)).to(dev)).float()
+            if flip_tta:  # the flipped view's logits, flipped back onto the original canvas
+                flipped = torch.from_numpy(store.read_tokens(start, stop, view=1)).to(dev)
+                logits = (logits + head(flipped).float().flip(-1)) / 2
         for j, index in enumerate(range(start, stop)):
             image_id = store.ids[index]
             mask_path = readers.find_mask(gt.path, image_id)
