@@ -346,8 +346,11 @@ class Backbone(nn.Module):
         return super().train(False)
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> Backbone:
-        self._fingerprint = None  # a dtype change changes the bytes
-        return super()._apply(fn, *args, **kwargs)
+        before = [p.dtype for p in self.parameters()]
+        super()._apply(fn, *args, **kwargs)
+        if [p.dtype for p in self.parameters()] != before:
+            self._fingerprint = None  # a dtype change changes the bytes; a device move does not
+        return self
 
     def forward(self, pixels: torch.Tensor, layers: Sequence[int] | str) -> tuple[torch.Tensor, torch.Tensor]:
         """pixels: (B, 3, H, W) normalised, H and W multiples of 14.

@@ -317,6 +317,17 @@ def test_random_init_and_fingerprint():
     assert a.fingerprint != b.fingerprint
 
 
+def test_device_move_keeps_the_cached_fingerprint(monkeypatch):
+    """Moving to a device keeps the bytes, so the (for ViT-L, seconds long) hash is not redone."""
+    import pipeline.checkpoints as checkpoints
+
+    bb = build_backbone("vit_tiny_test")
+    before = bb.fingerprint
+    monkeypatch.setattr(checkpoints, "fingerprint", lambda *_: pytest.fail("fingerprint recomputed"))
+    bb.to(torch.device("cpu"))
+    assert bb.fingerprint == before
+
+
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [

@@ -32,9 +32,11 @@ def test_extract_flags_become_config(toy_copy, monkeypatch):
 
     def fake(items, out, cfg, **kw):
         seen.setdefault("calls", []).append((len(items), Path(out), cfg))
+        seen["backbone"] = kw["backbone"]
         raise SystemExit(0)
 
     monkeypatch.setattr(pipeline.extract, "extract", fake)
+    monkeypatch.setattr(pipeline.extract, "load_backbone", lambda cfg: seen.setdefault("loaded", cfg))
     monkeypatch.chdir(toy_copy)
     runner.invoke(app, ["extract", "--model", "dinov2_vitb14", "--size", "224", "--layers", "last4", "--flip",
                         "--batch-size", "4", "--device", "cpu", "--split", "val"])  # fmt: skip
@@ -42,6 +44,8 @@ def test_extract_flags_become_config(toy_copy, monkeypatch):
     assert n == 8
     assert out == toy_copy / "cache" / "dinov2_vitb14-224-last4" / "val.zarr"
     assert cfg == ExtractConfig(model="dinov2_vitb14", size=224, layers="last4", flip=True, batch_size=4, device="cpu")
+    assert seen["loaded"] == cfg  # the backbone is loaded once, before the splits, and passed on
+    assert seen["backbone"] is seen["loaded"]
 
 
 def test_errors_are_one_red_line(toy_copy, monkeypatch, tmp_path):

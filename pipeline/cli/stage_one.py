@@ -115,18 +115,21 @@ def extract(
 
     Rerunning the same command after a crash finishes the missing shards only."""
     from pipeline.extract import extract as run_extract
-    from pipeline.extract import plan_extract
+    from pipeline.extract import load_backbone, plan_extract
 
     cfg = ExtractConfig(
         model=model, size=size, layers=layers, flip=flip, weights=str(weights) if weights else None,
         random_init=random_init, batch_size=batch_size, workers=workers, device=device,
         images_per_shard=images_per_shard, strict=strict,
     )  # fmt: skip
-    for split_name, items, store_path in plan_extract(cfg, Workspace.find(config), data=data, splits=split, out=out):
+    targets = plan_extract(cfg, Workspace.find(config), data=data, splits=split, out=out)
+    with console.status(f"loading {model} and hashing its weights"):
+        backbone = load_backbone(cfg)  # once for every split
+    for split_name, items, store_path in targets:
         with progress_bar() as bar:
             task = bar.add_task(f"extract {split_name}", total=None)
             summary = run_extract(
-                items, store_path, cfg, overwrite=overwrite,
+                items, store_path, cfg, overwrite=overwrite, backbone=backbone,
                 progress=functools.partial(_update_task, bar, task),
             )  # fmt: skip
         _print_extract_summary(split_name, summary)
