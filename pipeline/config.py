@@ -192,6 +192,8 @@ class Workspace:
                 raise ConfigError(f"{path}: [labels.{name}] needs `kind` and `path`")
             bg = entry.get("background")
             labels[name] = LabelSource(name, entry["kind"], base / entry["path"], base / bg if bg else None)
+        if "gt" not in labels and (masks := default_masks(base / ds["root"], fmt)) is not None:
+            labels["gt"] = LabelSource("gt", "mask", masks)
         return cls(
             file=path.resolve(),
             data_root=base / ds["root"],
@@ -239,6 +241,14 @@ class Workspace:
         return self.labels[name]
 
 
+def default_masks(root: Path, fmt: str) -> Path | None:
+    """The dataset's own ground-truth masks, used as label set ``gt`` when the workspace names none:
+    ``SegmentationClassAug/`` when present, else ``SegmentationClass/`` (VOC), or ``masks/`` beside
+    ``images/`` (folder datasets)."""
+    candidates = ("SegmentationClassAug", "SegmentationClass") if fmt == "voc" else ("masks",)
+    return next((root / c for c in candidates if (root / c).is_dir()), None)
+
+
 def label_source(name_or_path: str, workspace: Workspace | None, kind: str | None = None) -> LabelSource:
     """A workspace label source by name, or a path with its kind (guessed from the path when not given:
     a folder of masks, a .json of points, a .npy of image-level labels)."""
@@ -273,7 +283,8 @@ runs = "runs"                   # one folder per `ssvt train-head` run
 
 # Label sources, used by `ssvt train-head --labels NAME`. Kinds: mask (palette or single-channel PNGs,
 # 255 = ignore), rgb-mask, scribble-xml (ScribbleSup), scribble-png, points-json ("What's the Point",
-# optional `background` file), cls-labels (cls_labels.npy).
+# optional `background` file), cls-labels (cls_labels.npy). Without a [labels.gt] entry, `gt` is the
+# dataset's SegmentationClassAug/ when present, else SegmentationClass/ (or masks/ for folders).
 [labels.gt]
 kind = "mask"
 path = "VOCdevkit/VOC2012/SegmentationClassAug"

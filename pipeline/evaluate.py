@@ -117,6 +117,12 @@ def evaluate(
                 raise LabelError(
                     f"{mask_path} is {target.shape[1]}x{target.shape[0]} but its image is {pred.shape[1]}x{pred.shape[0]}"
                 )
+            bad = np.unique(target[(target >= k) & (target != 255)])
+            if bad.size:
+                raise LabelError(
+                    f"{mask_path} holds classes {bad[:5].tolist()} but the head predicts {k} classes; "
+                    "evaluate it against ground truth of the dataset it was trained for"
+                )
             cm.update(pred.cpu().numpy(), target)
             if save_predictions is not None:
                 _save_palette_png(pred.cpu().numpy().astype(np.uint8), save_predictions / f"{image_id}.png")

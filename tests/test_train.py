@@ -213,3 +213,12 @@ def test_streamed_batches_cover_the_training_images_with_the_right_tokens(ws, tm
         sizes.append(len(pos))
     assert sorted(seen) == list(range(len(indices)))
     assert all(size == batch_size for size in sizes[:-1])
+
+
+def test_evaluating_a_head_with_fewer_classes_than_the_ground_truth_names_the_file(ws):
+    from pipeline.heads import build_head
+
+    val = FeatureStore.open(ws.store_path(TINY, "val"))
+    head = build_head("bn-linear", val.channels, 5).eval()
+    with pytest.raises(LabelError, match=r"\.png holds classes \[.*\] but the head predicts 5 classes"):
+        evaluate(head, val, ws.labels["gt"])
