@@ -249,6 +249,15 @@ def default_masks(root: Path, fmt: str) -> Path | None:
     return next((root / c for c in candidates if (root / c).is_dir()), None)
 
 
+def optional_label_source(name_or_path: str | None, workspace: Workspace | None) -> LabelSource | None:
+    """Like :func:`label_source`, but None (instead of an error) when neither a workspace label set
+    nor a path of that name exists: for optional ground truth."""
+    if name_or_path is None:
+        return None
+    known = workspace is not None and name_or_path in workspace.labels
+    return label_source(name_or_path, workspace) if known or Path(name_or_path).exists() else None
+
+
 def label_source(name_or_path: str, workspace: Workspace | None, kind: str | None = None) -> LabelSource:
     """A workspace label source by name, or a path with its kind (guessed from the path when not given:
     a folder of masks, a .json of points, a .npy of image-level labels)."""

@@ -56,7 +56,7 @@ def kmeans_viz_cmd(
     config: ConfigOpt = None,
 ) -> None:
     """The shape-prior figure: K-means over each image's patch tokens, no labels needed."""
-    from pipeline.config import label_source
+    from pipeline.config import optional_label_source
     from pipeline.store import FeatureStore
     from pipeline.viz import KMeansVizConfig, kmeans_viz
 
@@ -65,9 +65,7 @@ def kmeans_viz_cmd(
         if ws is None:
             raise ConfigError("no store: pass --store PATH.zarr or run where an ssvt.toml is")
         store = ws.find_store(ws.val_split or ws.train_split, features)
-    gt_source = None
-    if gt is not None and ((ws is not None and gt in ws.labels) or Path(gt).exists()):
-        gt_source = label_source(gt, ws)
+    gt_source = optional_label_source(gt, ws)
     cfg = KMeansVizConfig(ks=_int_list(k), ids=tuple(i.strip() for i in ids.split(",")) if ids else None, n=n, seed=seed,
                           joint=joint, normalize=normalize, pca=pca, num_classes=ws.num_classes if ws else 21)  # fmt: skip
     with progress_bar() as bar:

@@ -73,7 +73,7 @@ def train_head_cmd(
 
     The validation split is evaluated when it is cached. Writes a run folder (weights, config,
     metrics, curve, confusion matrix, log)."""
-    from pipeline.config import TrainConfig, label_source
+    from pipeline.config import TrainConfig, label_source, optional_label_source
     from pipeline.runs import train_and_evaluate
 
     ws = Workspace.find(config)
@@ -83,7 +83,7 @@ def train_head_cmd(
         schedule=schedule.value, pixels_per_image=pixels_per_image, flip=flip, seed=seed, device=device,
     )  # fmt: skip
     source = label_source(labels, ws, label_kind)
-    gt_source = _optional_gt(gt, ws)
+    gt_source = optional_label_source(gt, ws)
     with progress_bar("step/s") as bar:
         tasks: dict[str, Any] = {}
 
@@ -97,14 +97,6 @@ def train_head_cmd(
         outcome = train_and_evaluate(cfg, source, ws, store=store, val_store=val_store, gt=gt_source, features=features,
                                      out=out, strict=strict, progress=report)  # fmt: skip
     _print_run(outcome)
-
-
-def _optional_gt(gt: str, ws: Workspace | None) -> Any:
-    from pipeline.config import label_source
-
-    if ws is not None and gt in ws.labels:
-        return ws.labels[gt]
-    return label_source(gt, ws) if Path(gt).exists() else None
 
 
 def _print_run(outcome: Any) -> None:
