@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+from pipeline.cache.geometry import PATCH
 from pipeline.errors import ConfigError
-from pipeline.geometry import PATCH
 
 WORKSPACE_FILE = "ssvt.toml"
 DATA_FORMATS = ("voc", "folder", "list")

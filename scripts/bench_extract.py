@@ -6,7 +6,7 @@ are timed:
 
 - ``forward``: the backbone alone on preprocessed tensors held in memory (same batch size, under
   ``torch.inference_mode``): the baseline;
-- ``extract-wN``: :func:`pipeline.extract.extract` end to end from JPEG files with N DataLoader
+- ``extract-wN``: :func:`pipeline.features.extract.extract` end to end from JPEG files with N DataLoader
   workers (decode + resize in workers, float16 tokens, shards written by a background thread). Three
   times are kept: the loop (``ExtractSummary.seconds``), the whole call (``wall``: store creation,
   weight fingerprint and worker start-up included) and the steady rate after the first shard;
@@ -41,13 +41,14 @@ import torch
 from benchlib import cpu_seconds, print_table
 from PIL import Image
 
-from pipeline.backbones import Backbone, build_backbone, resolve_layers
+from pipeline.cache.geometry import fit_geometry
+from pipeline.cache.store import FeatureStore
 from pipeline.config import ExtractConfig
-from pipeline.data import CanvasDataset, ImageItem, find_images, load_rgb
-from pipeline.extract import Forward, extract
-from pipeline.geometry import fit_geometry, image_to_canvas
-from pipeline.store import FeatureStore
-from pipeline.toy import make_toy
+from pipeline.features.backbones import Backbone, build_backbone, resolve_layers
+from pipeline.features.data import CanvasDataset, ImageItem, find_images, load_rgb
+from pipeline.features.extract import Forward, extract
+from pipeline.resample import image_to_canvas
+from pipeline.toy.dataset import make_toy
 
 #: One timed run: (seconds of the timed loop, of the whole call, and of the loop at its steady rate).
 Timed = Callable[[], tuple[float, float, float]]

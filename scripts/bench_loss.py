@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from pipeline.losses import dense_loss, labelled_pixels, samples_loss, sparse_loss
+from pipeline.training.losses import dense_loss, labelled_pixels, samples_loss, sparse_loss
 
 
 def scribble_labels(b: int, size: int, k: int, rng: np.random.Generator) -> torch.Tensor:

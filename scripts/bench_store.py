@@ -24,8 +24,8 @@ import numpy as np
 import zarr
 from benchlib import print_table
 
-from pipeline.geometry import PATCH
-from pipeline.store import FeatureStore
+from pipeline.cache.geometry import PATCH
+from pipeline.cache.store import FeatureStore
 
 MB = 2**20
 

@@ -43,16 +43,16 @@ import numpy as np
 import torch
 from benchlib import cpu_seconds, print_table
 
-from pipeline.backbones import Backbone, build_backbone
+from pipeline.cache.labels import LabelStore, ensure_labels
+from pipeline.cache.store import FeatureStore, default_images_per_shard
 from pipeline.config import ExtractConfig, TrainConfig, Workspace
-from pipeline.data import CanvasDataset, ImageItem, find_images
-from pipeline.extract import extract
+from pipeline.features.backbones import Backbone, build_backbone
+from pipeline.features.data import CanvasDataset, ImageItem, find_images
+from pipeline.features.extract import extract
 from pipeline.heads import build_head
-from pipeline.labels import LabelStore, ensure_labels
-from pipeline.losses import dense_loss, sparse_loss, subsampled_dense_loss
-from pipeline.store import FeatureStore, default_images_per_shard
-from pipeline.toy import make_toy
-from pipeline.train import FeatureBatches, train_head
+from pipeline.toy.dataset import make_toy
+from pipeline.training.losses import dense_loss, sparse_loss, subsampled_dense_loss
+from pipeline.training.train import FeatureBatches, train_head
 
 MB = 2**20
 NUM_CLASSES = 21

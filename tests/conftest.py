@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.toy import ToyDataset, make_toy
+from pipeline.toy.dataset import ToyDataset, make_toy
 
 
 @pytest.fixture(scope="session")

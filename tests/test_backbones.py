@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Dinov2Model, Dinov2WithRegistersModel
 
-from pipeline.backbones import (
+from pipeline.errors import ConfigError, WeightsError, WeightsNotFoundError
+from pipeline.features.backbones import (
     BACKBONES,
     PRETRAINED,
     Backbone,
@@ -26,7 +27,6 @@ from pipeline.backbones import (
     resolve_weights,
     to_official_state_dict,
 )
-from pipeline.errors import ConfigError, WeightsError, WeightsNotFoundError
 
 SMALL = {"num_hidden_layers": 2, "hidden_size": 48, "num_attention_heads": 3}
 
@@ -319,7 +319,7 @@ def test_random_init_and_fingerprint():
 
 def test_device_move_keeps_the_cached_fingerprint(monkeypatch):
     """Moving to a device keeps the bytes, so the (for ViT-L, seconds long) hash is not redone."""
-    import pipeline.checkpoints as checkpoints
+    import pipeline.features.checkpoints as checkpoints
 
     bb = build_backbone("vit_tiny_test")
     before = bb.fingerprint

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import pipeline.extract
+import pipeline.features.extract
+from pipeline.cache.store import FeatureStore
 from pipeline.cli import app
 from pipeline.config import ExtractConfig
-from pipeline.store import FeatureStore
 
 runner = CliRunner()
 TINY = ["--model", "vit_tiny_test", "--random-init", "--size", "56", "--workers", "0"]
@@ -35,8 +35,8 @@ def test_extract_flags_become_config(toy_copy, monkeypatch):
         seen["backbone"] = kw["backbone"]
         raise SystemExit(0)
 
-    monkeypatch.setattr(pipeline.extract, "extract", fake)
-    monkeypatch.setattr(pipeline.extract, "load_backbone", lambda cfg: seen.setdefault("loaded", cfg))
+    monkeypatch.setattr(pipeline.features.extract, "extract", fake)
+    monkeypatch.setattr(pipeline.features.extract, "load_backbone", lambda cfg: seen.setdefault("loaded", cfg))
     monkeypatch.chdir(toy_copy)
     runner.invoke(app, ["extract", "--model", "dinov2_vitb14", "--size", "224", "--layers", "last4", "--flip",
                         "--batch-size", "4", "--device", "cpu", "--split", "val"])  # fmt: skip

@@ -3,8 +3,8 @@
 import pytest
 
 from pipeline.config import ExtractConfig, TrainConfig, Workspace
-from pipeline.data import find_images
 from pipeline.errors import ConfigError
+from pipeline.features.data import find_images
 
 
 def write(tmp_path, text: str):

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import CanvasDataset, ImageItem, find_images, load_rgb, read_split_ids
 from pipeline.errors import DataError
+from pipeline.features.data import CanvasDataset, ImageItem, find_images, load_rgb, read_split_ids
 
 RGB = np.array([[[200, 10, 30], [0, 255, 128]], [[5, 6, 7], [90, 90, 90]]], dtype=np.uint8)
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.cache.store import FeatureStore
 from pipeline.config import ExtractConfig
-from pipeline.data import find_images
 from pipeline.errors import DataError, StoreMismatchError
-from pipeline.extract import Forward, extract, shard_batches
-from pipeline.store import FeatureStore
+from pipeline.features.data import find_images
+from pipeline.features.extract import Forward, extract, shard_batches
 
 TINY = {"model": "vit_tiny_test", "random_init": True, "size": 56, "workers": 0, "batch_size": 3, "images_per_shard": 4}
 
@@ -57,8 +57,8 @@ def test_extract_writes_complete_store(toy, tmp_path):
 
 
 def test_flipped_view_is_the_model_on_the_mirrored_canvas(toy, tmp_path):
-    from pipeline.backbones import build_backbone
-    from pipeline.data import CanvasDataset
+    from pipeline.features.backbones import build_backbone
+    from pipeline.features.data import CanvasDataset
 
     items = find_images(toy.voc_root, "val")[:2]
     extract(items, tmp_path / "s.zarr", ExtractConfig(**TINY, flip=True))
@@ -112,8 +112,8 @@ def test_batches_never_straddle_shards(toy, tmp_path):
 KILL_SCRIPT = """
 import sys, time
 from pipeline.config import ExtractConfig
-from pipeline.data import find_images
-from pipeline.extract import extract
+from pipeline.features.data import find_images
+from pipeline.features.extract import extract
 cfg = ExtractConfig(model="vit_tiny_test", random_init=True, size=56, workers=0, batch_size=2, images_per_shard=2)
 slow = sys.argv[3] == "slow"
 extract(find_images(sys.argv[1], "train"), sys.argv[2], cfg, progress=lambda d, t: time.sleep(0.3 if slow and d else 0))

@@ -3,15 +3,9 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.cache.geometry import Geometry, fit_geometry, mask_to_canvas, points_to_canvas
 from pipeline.errors import ConfigError
-from pipeline.geometry import (
-    Geometry,
-    canvas_to_original,
-    fit_geometry,
-    image_to_canvas,
-    mask_to_canvas,
-    points_to_canvas,
-)
+from pipeline.resample import canvas_to_original, image_to_canvas
 
 
 @pytest.mark.parametrize(("h", "w"), [(375, 500), (500, 333), (448, 448), (17, 230), (1, 1)])

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 
+from pipeline.cache.geometry import IGNORE, PATCH, fit_geometry
 from pipeline.errors import ConfigError, LabelError
-from pipeline.geometry import IGNORE, PATCH, fit_geometry
-from pipeline.kmeans import (
+from pipeline.figures.kmeans import (
     PAD_LABEL,
     cluster_image,
     cluster_joint,

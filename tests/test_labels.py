@@ -17,16 +17,16 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from pipeline import labels as labels_module
-from pipeline import readers
+from pipeline.cache import label_readers as readers
+from pipeline.cache import labels as labels_module
+from pipeline.cache.geometry import IGNORE, Geometry, fit_geometry, mask_to_canvas
+from pipeline.cache.labels import LabelStore, ensure_labels, import_labels, label_path, sparse_mask_to_canvas
+from pipeline.cache.store import FeatureStore
+from pipeline.cache.voc import NUM_CLASSES, SCRIBBLE_TAGS
 from pipeline.config import ExtractConfig, LabelSource, Workspace, label_source
-from pipeline.data import find_images
 from pipeline.errors import LabelError, StoreError
-from pipeline.extract import extract
-from pipeline.geometry import IGNORE, Geometry, fit_geometry, mask_to_canvas
-from pipeline.labels import LabelStore, ensure_labels, import_labels, label_path, sparse_mask_to_canvas
-from pipeline.store import FeatureStore
-from pipeline.voc import NUM_CLASSES, SCRIBBLE_TAGS
+from pipeline.features.data import find_images
+from pipeline.features.extract import extract
 
 SIZE = 56
 #: name -> (kind, sparse) of the toy workspace's sources and of the extra folders imported by path.

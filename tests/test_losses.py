@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import LabelError
-from pipeline.losses import (
+from pipeline.training.losses import (
     PixelSamples,
     dense_loss,
     labelled_pixels,

@@ -11,7 +11,7 @@ import torch
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJaccardIndex
 
 from pipeline.errors import DataError, LabelError
-from pipeline.metrics import ConfusionMatrix
+from pipeline.training.metrics import ConfusionMatrix
 
 K = 6
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from test_store import create, make_data, write
 
-from pipeline.shardread import ShardReader
-from pipeline.store import FeatureStore
+from pipeline.cache.shardread import ShardReader
+from pipeline.cache.store import FeatureStore
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import zarr
 
+from pipeline.cache.store import SCHEMA_VERSION, FeatureStore, default_images_per_shard
 from pipeline.errors import StoreError
-from pipeline.store import SCHEMA_VERSION, FeatureStore, default_images_per_shard
 
 N, S, VIEWS, GRID, C, SIZE = 10, 4, ("original", "hflip"), (2, 2), 8, 28
 ATTRS = {
@@ -75,7 +75,7 @@ def test_default_images_per_shard():
 
 
 def test_round_trip(full):
-    from pipeline.geometry import Geometry  # imported here: it loads torch, which spawned writers need not
+    from pipeline.cache.geometry import Geometry  # imported here: it loads torch, which spawned writers need not
 
     path, (tokens, cls, geometry, status) = full
     store = FeatureStore.open(path)
@@ -100,7 +100,7 @@ def test_round_trip(full):
 
 def test_plain_zarr_reads_the_layout(full):
     """The contract of cache_layout.md, read with zarr alone."""
-    from pipeline.geometry import GEOMETRY_COLUMNS
+    from pipeline.cache.geometry import GEOMETRY_COLUMNS
 
     path, (tokens, cls, geometry, status) = full
     group = zarr.open_group(path, mode="r")

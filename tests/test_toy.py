@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
+from pipeline.cache.voc import CLASS_NAMES, palette
 from pipeline.config import Workspace
 from pipeline.errors import ConfigError
-from pipeline.toy import ToyDataset, make_toy
-from pipeline.voc import CLASS_NAMES, palette
+from pipeline.toy.dataset import ToyDataset, make_toy
 
 N_TRAIN, N_VAL = 6, 3
 

@@ -9,16 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import readers
+from pipeline.cache import label_readers as readers
+from pipeline.cache.labels import ensure_labels
+from pipeline.cache.store import FeatureStore
 from pipeline.config import ExtractConfig, TrainConfig, Workspace
-from pipeline.data import find_images
 from pipeline.errors import ConfigError, LabelError, StoreMismatchError
-from pipeline.evaluate import evaluate, evaluate_run, load_run
-from pipeline.extract import extract
-from pipeline.labels import ensure_labels
-from pipeline.metrics import ConfusionMatrix
-from pipeline.runs import evaluate_existing, train_and_evaluate
-from pipeline.store import FeatureStore
+from pipeline.features.data import find_images
+from pipeline.features.extract import extract
+from pipeline.training.evaluate import evaluate, evaluate_run, load_run
+from pipeline.training.metrics import ConfusionMatrix
+from pipeline.training.runs import evaluate_existing, train_and_evaluate
 
 TINY = ExtractConfig(model="vit_tiny_test", random_init=True, size=112, workers=0, flip=True)
 FAST = TrainConfig(lr=2e-2, epochs=1, min_steps=60, batch_size=8)
@@ -130,7 +130,7 @@ def test_class_count_mismatch_and_bad_labels(ws, tmp_path):
         train_and_evaluate(FAST, ws.labels["cls"], ws, out=tmp_path / "cls")
     # A 5-class head cannot take VOC labels with classes up to 20.
     labels = ensure_labels(ws.labels["gt"], store, num_classes=21)
-    from pipeline.train import train_head
+    from pipeline.training.train import train_head
 
     with pytest.raises(LabelError, match="not a class of a 5-class head"):
         train_head(store, labels, FAST, tmp_path / "five", num_classes=5)
@@ -138,7 +138,7 @@ def test_class_count_mismatch_and_bad_labels(ws, tmp_path):
 
 
 def test_sparse_and_subsampled_dense_runs_use_the_cheap_loss(ws, tmp_path, monkeypatch):
-    import pipeline.train as train
+    import pipeline.training.train as train
 
     calls = []
     for name in ("dense_loss", "sparse_loss", "subsampled_dense_loss"):
@@ -153,7 +153,7 @@ def test_sparse_and_subsampled_dense_runs_use_the_cheap_loss(ws, tmp_path, monke
 
 def test_evaluate_matches_brute_force_metric(ws, tmp_path):
     """The split mIoU equals one computed here from the head's own logits, image by image."""
-    from pipeline.geometry import canvas_to_original
+    from pipeline.resample import canvas_to_original
 
     train_and_evaluate(FAST, ws.labels["gt"], ws, out=tmp_path / "run")
     head, _ = load_run(tmp_path / "run")
@@ -184,7 +184,7 @@ def test_run_folder_default_names_do_not_overwrite(ws):
 
 
 def test_in_memory_features_equal_the_store_for_any_index_set(ws):
-    from pipeline.train import FeatureBatches
+    from pipeline.training.train import FeatureBatches
 
     store = FeatureStore.open(ws.store_path(TINY, "train"))
     indices = np.array([0, 1, 2, 5, 6, 9, 10, 11, 12, 13, 14, 15])  # runs longer and shorter than a read
@@ -197,7 +197,7 @@ def test_in_memory_features_equal_the_store_for_any_index_set(ws):
 
 @pytest.mark.parametrize("batch_size", [1, 3, 5, 16, 40])
 def test_streamed_batches_cover_the_training_images_with_the_right_tokens(ws, tmp_path, batch_size):
-    from pipeline.train import FeatureBatches
+    from pipeline.training.train import FeatureBatches
 
     small = ExtractConfig(**{**TINY.to_dict(), "images_per_shard": 3})  # batches must span shards
     path = tmp_path / "s.zarr"

@@ -56,9 +56,9 @@ def kmeans_viz_cmd(
     config: ConfigOpt = None,
 ) -> None:
     """The shape-prior figure: K-means over each image's patch tokens, no labels needed."""
+    from pipeline.cache.store import FeatureStore
     from pipeline.config import optional_label_source
-    from pipeline.store import FeatureStore
-    from pipeline.viz import KMeansVizConfig, kmeans_viz
+    from pipeline.figures.shape_prior import KMeansVizConfig, kmeans_viz
 
     ws = Workspace.find(config)
     if store is None:
@@ -90,7 +90,7 @@ def demo(
     Toy dataset -> DINOv2 features -> a head per label type -> mIoU table and the K-means figure."""
     from dataclasses import replace
 
-    from pipeline.demo import DemoConfig, run_demo
+    from pipeline.toy.demo import DemoConfig, run_demo
 
     cfg = DemoConfig()
     if quick:

@@ -51,7 +51,7 @@ def make_toy_cmd(
 
     Labels in their real formats: scribbles (XML, PNG), points (JSON), pseudo-masks (seam, eps),
     vision-language masks and image-level cls_labels.npy."""
-    from pipeline.toy import make_toy
+    from pipeline.toy.dataset import make_toy
 
     make_toy(out, n_train=n_train, n_val=n_val, seed=seed)
     console.print(f"wrote {n_train} train + {n_val} val images, their label sets and {out / WORKSPACE_FILE}")
@@ -114,8 +114,8 @@ def extract(
     """Run a frozen DINOv2 once over a dataset and cache its patch tokens in a sharded zarr store.
 
     Rerunning the same command after a crash finishes the missing shards only."""
-    from pipeline.extract import extract as run_extract
-    from pipeline.extract import load_backbone, plan_extract
+    from pipeline.features.extract import extract as run_extract
+    from pipeline.features.extract import load_backbone, plan_extract
 
     cfg = ExtractConfig(
         model=model, size=size, layers=layers, flip=flip, weights=str(weights) if weights else None,
@@ -151,7 +151,7 @@ def _print_extract_summary(split: str, s: Any) -> None:
 @errors_as_one_line
 def info(store: Annotated[Path, typer.Argument(help="A feature store (.zarr folder).")]) -> None:
     """Describe a feature store: model, grid, views, images, completeness, size on disk, label sets."""
-    from pipeline.store import FeatureStore
+    from pipeline.cache.store import FeatureStore
 
     fs = FeatureStore.open(store)
     i = fs.info()
@@ -175,8 +175,8 @@ def info(store: Annotated[Path, typer.Argument(help="A feature store (.zarr fold
 
 
 def _print_label_sets(paths: list[Path]) -> None:
-    from pipeline.labels import LabelStore
-    from pipeline.voc import CLASS_NAMES
+    from pipeline.cache.labels import LabelStore
+    from pipeline.cache.voc import CLASS_NAMES
 
     table = Table("set", "kind", "images", "pixels", "dropped", "top classes", title_justify="left",
                   title="imported label sets (labelled images, labelled pixel fraction, out-of-image clicks/points)")  # fmt: skip
@@ -193,7 +193,7 @@ def _print_label_sets(paths: list[Path]) -> None:
 @app.command()
 def models() -> None:
     """List the backbones ssvt can build, with their size."""
-    from pipeline.backbones import BACKBONES
+    from pipeline.features.backbones import BACKBONES
 
     table = Table("name", "dim", "depth", "heads", "registers", "HF id", title="backbones")
     for spec in BACKBONES.values():

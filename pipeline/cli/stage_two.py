@@ -74,7 +74,7 @@ def train_head_cmd(
     The validation split is evaluated when it is cached. Writes a run folder (weights, config,
     metrics, curve, confusion matrix, log)."""
     from pipeline.config import TrainConfig, label_source, optional_label_source
-    from pipeline.runs import train_and_evaluate
+    from pipeline.training.runs import train_and_evaluate
 
     ws = Workspace.find(config)
     cfg = TrainConfig(
@@ -142,7 +142,7 @@ def evaluate(
 ) -> None:
     """Score a trained head as papers do: one confusion matrix over the split at original resolution."""
     from pipeline.config import label_source
-    from pipeline.runs import evaluate_existing
+    from pipeline.training.runs import evaluate_existing
 
     ws = Workspace.find(config)
     with progress_bar() as bar:

@@ -23,8 +23,9 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
 
+from pipeline.cache.geometry import IGNORE, Geometry
 from pipeline.errors import ConfigError, LabelError
-from pipeline.geometry import IGNORE, Geometry, canvas_to_original
+from pipeline.resample import canvas_to_original
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from pipeline.cache.geometry import IGNORE, PATCH
 from pipeline.errors import LabelError
-from pipeline.geometry import IGNORE, PATCH
 
 
 class PixelSamples(NamedTuple):

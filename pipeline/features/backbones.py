@@ -33,9 +33,9 @@ from transformers import (
     PretrainedConfig,
 )
 
-from pipeline import checkpoints
+from pipeline.cache.geometry import PATCH
 from pipeline.errors import ConfigError, WeightsError, WeightsNotFoundError
-from pipeline.geometry import PATCH
+from pipeline.features import checkpoints
 
 logger = logging.getLogger(__name__)
 

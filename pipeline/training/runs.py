@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.cache.labels import ensure_labels
+from pipeline.cache.store import FeatureStore
 from pipeline.config import LabelSource, TrainConfig, Workspace
 from pipeline.errors import ConfigError, LabelError
-from pipeline.evaluate import EvalResult, evaluate_run
-from pipeline.labels import ensure_labels
-from pipeline.store import FeatureStore
-from pipeline.train import TrainResult, train_head
+from pipeline.training.evaluate import EvalResult, evaluate_run
+from pipeline.training.train import TrainResult, train_head
 
 log = logging.getLogger(__name__)
 

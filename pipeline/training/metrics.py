@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.cache.geometry import IGNORE
 from pipeline.errors import DataError, LabelError
-from pipeline.geometry import IGNORE
 
 
 class ConfusionMatrix:

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.cache.voc import CLASS_NAMES
 from pipeline.errors import ConfigError
-from pipeline.figures import (
+from pipeline.figures.plots import (
     FigureRow,
     cluster_colors,
     colorize_clusters,
@@ -14,7 +15,6 @@ from pipeline.figures import (
     kmeans_figure,
     row_normalize,
 )
-from pipeline.voc import CLASS_NAMES
 
 
 def make_row(rng: np.random.Generator, image_id: str, h: int = 24, w: int = 32, with_score: bool = True) -> FigureRow:

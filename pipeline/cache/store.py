@@ -31,13 +31,12 @@ import zarr
 from zarr.buffer.cpu import NDBuffer
 
 from pipeline import __version__
+from pipeline.cache.geometry import GEOMETRY_COLUMNS, PATCH, Geometry
+from pipeline.cache.shardread import ShardReader
 from pipeline.errors import StoreError, store_io
-from pipeline.shardread import ShardReader
 
 if TYPE_CHECKING:
     from zarr.core.array_spec import ArrayConfigParams
-
-    from pipeline.geometry import Geometry
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +77,6 @@ def _store_attrs(
     sources: Sequence[str] | None,
 ) -> dict[str, Any]:
     """Validate the inputs of :meth:`FeatureStore.create`; return the group attributes."""
-    from pipeline.geometry import PATCH  # imported late: geometry imports torch, store writers need not
 
     for key, kind in _REQUIRED.items():
         if not isinstance(attrs.get(key), kind):
@@ -124,7 +122,6 @@ def _store_attrs(
 
 def _create_arrays(group: zarr.Group, n: int, image_shape: tuple[int, ...], shard: int) -> None:
     """Create every array of a new store (metadata only; no chunk is written)."""
-    from pipeline.geometry import GEOMETRY_COLUMNS
 
     v, c = image_shape[0], image_shape[-1]
     common: dict[str, Any] = {"compressors": None, "fill_value": 0, "config": _ARRAY_CONFIG}
@@ -359,8 +356,6 @@ class FeatureStore:
         return np.asarray(self._arrays["geometry"][:])
 
     def geometries(self) -> list[Geometry]:
-        from pipeline.geometry import Geometry
-
         return [Geometry.from_row(row, canvas=self.size) for row in self.geometry()]
 
     def status(self) -> np.ndarray:

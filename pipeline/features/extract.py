@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from pipeline import __version__
-from pipeline.backbones import Backbone, build_backbone, resolve_layers, resolve_weights
+from pipeline.cache.store import FeatureStore, default_images_per_shard
 from pipeline.config import WORKSPACE_FILE, ExtractConfig, Workspace
-from pipeline.data import CanvasDataset, ImageItem, find_images
 from pipeline.errors import ConfigError, DataError, StoreMismatchError
-from pipeline.store import FeatureStore, default_images_per_shard
+from pipeline.features.backbones import Backbone, build_backbone, resolve_layers, resolve_weights
+from pipeline.features.data import CanvasDataset, ImageItem, find_images
 
 log = logging.getLogger(__name__)
 

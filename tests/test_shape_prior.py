@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.cache.store import FeatureStore
 from pipeline.config import ExtractConfig, LabelSource
-from pipeline.data import ImageItem, find_images
 from pipeline.errors import ConfigError, DataError
-from pipeline.extract import extract
-from pipeline.figures import LEGEND_IN, PANEL_IN, cluster_colors
-from pipeline.store import FeatureStore
-from pipeline.viz import KMeansVizConfig, choose_images, kmeans_viz
+from pipeline.features.data import ImageItem, find_images
+from pipeline.features.extract import extract
+from pipeline.figures.plots import LEGEND_IN, PANEL_IN, cluster_colors
+from pipeline.figures.shape_prior import KMeansVizConfig, choose_images, kmeans_viz
 
 TINY = {"model": "vit_tiny_test", "random_init": True, "size": 56, "workers": 0, "batch_size": 4, "flip": True}
 PATCH = 14

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.cache.geometry import fit_geometry
 from pipeline.errors import DataError
-from pipeline.geometry import fit_geometry, image_to_canvas
+from pipeline.resample import image_to_canvas
 
 log = logging.getLogger(__name__)
 

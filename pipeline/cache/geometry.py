@@ -1,4 +1,5 @@
-"""Where an original image sits on the square model canvas, and the way back.
+"""Where an original image sits on the square model canvas (numpy only; the torch resampling that
+uses it is :mod:`pipeline.resample`).
 
 Every image is resized (aspect kept) so that its longer side is ``size`` and padded, centred, to a
 ``size x size`` canvas, so every image gives the same ``(size/14) x (size/14)`` token grid. The
@@ -7,7 +8,7 @@ predictions back to original pixels::
 
     geom = fit_geometry(height=375, width=500, size=448)
     canvas = mask_to_canvas(mask, geom)            # (448, 448) uint8, padding = 255
-    back = canvas_to_original(logits, geom)        # (C, 375, 500)
+    xy = points_to_canvas(clicks, geom)            # (n, 2) canvas coordinates
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.errors import ConfigError
@@ -90,19 +89,6 @@ def fit_geometry(height: int, width: int, size: int) -> Geometry:
     return Geometry(height, width, rh, rw, (size - rh) // 2, (size - rw) // 2, size)
 
 
-def image_to_canvas(image: Image.Image, geom: Geometry, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """An RGB PIL image -> (3, S, S) float32, normalised, padding = 0 (the mean colour).
-
-    Resizing is bicubic with PIL's antialiasing, as in torchvision's ``Resize`` on PIL images.
-    """
-    resized = image.resize((geom.resized_width, geom.resized_height), Image.Resampling.BICUBIC)
-    arr = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    arr = (arr - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
-    out = torch.zeros(3, geom.canvas, geom.canvas)
-    out[:, geom.pad_top : geom.pad_top + geom.resized_height, geom.pad_left : geom.pad_left + geom.resized_width] = arr
-    return out
-
-
 def mask_to_canvas(mask: np.ndarray, geom: Geometry) -> np.ndarray:
     """(H, W) uint8 class ids -> (S, S) uint8 by nearest neighbour, padding = 255."""
     if mask.shape != (geom.height, geom.width):
@@ -124,25 +110,3 @@ def points_to_canvas(xy: np.ndarray, geom: Geometry) -> np.ndarray:
     x = (xy[:, 0] + 0.5) * sx - 0.5 + geom.pad_left
     y = (xy[:, 1] + 0.5) * sy - 0.5 + geom.pad_top
     return np.stack([x, y], axis=1)
-
-
-def canvas_to_original(values: torch.Tensor, geom: Geometry, mode: str = "bilinear") -> torch.Tensor:
-    """(..., h, w) values on the canvas (any resolution, e.g. the token grid or S x S) ->
-    (..., H, W) on the original image: upsample to the canvas, drop the padding, resize to H x W.
-
-    ``mode`` is "bilinear" for logits/scores and "nearest" for class maps.
-    """
-    lead = values.shape[:-2]
-    x = values.reshape(-1, 1, *values.shape[-2:]) if values.dim() == 2 else values.reshape(1, -1, *values.shape[-2:])
-    kwargs = {"align_corners": False} if mode == "bilinear" else {}
-    if mode == "nearest":
-        mode = "nearest-exact"  # pixel-centre aligned, like PIL's NEAREST used for the masks
-    dtype = x.dtype
-    if not x.is_floating_point():
-        x = x.float()
-    s = geom.canvas
-    if x.shape[-2:] != (s, s):
-        x = F.interpolate(x, size=(s, s), mode=mode, **kwargs)
-    x = x[..., geom.pad_top : geom.pad_top + geom.resized_height, geom.pad_left : geom.pad_left + geom.resized_width]
-    x = F.interpolate(x, size=(geom.height, geom.width), mode=mode, **kwargs)
-    return x.to(dtype).reshape(*lead, geom.height, geom.width)

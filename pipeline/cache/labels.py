@@ -25,11 +25,12 @@ from typing import Any
 import h5py
 import numpy as np
 
-from pipeline import __version__, readers
+from pipeline import __version__
+from pipeline.cache import label_readers as readers
+from pipeline.cache.geometry import IGNORE, Geometry, mask_to_canvas, points_to_canvas
+from pipeline.cache.store import FeatureStore
 from pipeline.config import LabelSource
 from pipeline.errors import LabelError, StoreError, store_io
-from pipeline.geometry import IGNORE, Geometry, mask_to_canvas, points_to_canvas
-from pipeline.store import FeatureStore
 
 log = logging.getLogger(__name__)
 

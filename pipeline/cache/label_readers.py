@@ -9,7 +9,7 @@ Usage::
     clicks = read_points_json("points.json", background="points_bg.json")
     cls = read_cls_labels("cls_labels.npy")                          # id -> float32[20]
 
-Dense masks are placed on the canvas by :func:`pipeline.geometry.mask_to_canvas`; sparse labels are
+Dense masks are placed on the canvas by :func:`pipeline.cache.geometry.mask_to_canvas`; sparse labels are
 drawn here directly on the canvas, because resizing a raster of 1-px clicks or 3-px lines would lose them.
 """
 
@@ -27,9 +27,9 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from pipeline.cache.geometry import IGNORE, Geometry, points_to_canvas
+from pipeline.cache.voc import NUM_CLASSES, SCRIBBLE_TAGS, palette
 from pipeline.errors import LabelError
-from pipeline.geometry import IGNORE, Geometry, points_to_canvas
-from pipeline.voc import NUM_CLASSES, SCRIBBLE_TAGS, palette
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ pipeline, which is several times slower on this layout (BENCHMARKS.md, "Streamin
 does not look exactly like that (another codec chain, a damaged index, a missing chunk) is left to
 zarr: :meth:`ShardReader.read` returns False and the caller reads it the usual way.
 
-Usage (inside :class:`pipeline.store.FeatureStore`)::
+Usage (inside :class:`pipeline.cache.store.FeatureStore`)::
 
     reader = ShardReader.for_array(path / "tokens", codecs, images_per_shard, views, 5, chunk_bytes)
     if reader is None or not reader.read(shard, n, out):

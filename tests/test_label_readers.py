@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.errors import LabelError
-from pipeline.geometry import Geometry, fit_geometry, points_to_canvas
-from pipeline.readers import (
+from pipeline.cache.geometry import Geometry, fit_geometry, points_to_canvas
+from pipeline.cache.label_readers import (
     Point,
     Stroke,
     draw_points,
@@ -29,8 +28,9 @@ from pipeline.readers import (
     read_points_json,
     read_scribble_xml,
 )
-from pipeline.toy import ToyDataset
-from pipeline.voc import palette
+from pipeline.cache.voc import palette
+from pipeline.errors import LabelError
+from pipeline.toy.dataset import ToyDataset
 
 
 def _gt(toy: ToyDataset, image_id: str) -> np.ndarray:

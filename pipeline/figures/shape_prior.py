@@ -27,13 +27,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline import __version__, readers
+from pipeline import __version__
+from pipeline.cache import label_readers as readers
+from pipeline.cache.geometry import Geometry
+from pipeline.cache.store import STATUS_CODES, STATUS_OK, FeatureStore
+from pipeline.cache.voc import CLASS_NAMES
 from pipeline.config import LabelSource, _Dict
-from pipeline.data import load_rgb
 from pipeline.errors import ConfigError, DataError, LabelError, StoreError
-from pipeline.figures import DPI, FigureRow, cluster_colors, kmeans_figure
-from pipeline.geometry import Geometry
-from pipeline.kmeans import (
+from pipeline.features.data import load_rgb
+from pipeline.figures.kmeans import (
     ClusterResult,
     cluster_image,
     cluster_joint,
@@ -42,8 +44,7 @@ from pipeline.kmeans import (
     pca_to_original,
     to_original,
 )
-from pipeline.store import STATUS_CODES, STATUS_OK, FeatureStore
-from pipeline.voc import CLASS_NAMES
+from pipeline.figures.plots import DPI, FigureRow, cluster_colors, kmeans_figure
 
 logger = logging.getLogger(__name__)
 

@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from pipeline.cache.labels import LabelStore
+from pipeline.cache.store import FeatureStore
 from pipeline.config import TrainConfig
 from pipeline.errors import LabelError
-from pipeline.extract import pick_device
+from pipeline.features.extract import pick_device
 from pipeline.heads import build_head
-from pipeline.labels import LabelStore
-from pipeline.losses import dense_loss, sparse_loss, subsampled_dense_loss
-from pipeline.store import FeatureStore
+from pipeline.training.losses import dense_loss, sparse_loss, subsampled_dense_loss
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def write_run(
     result: TrainResult,
 ) -> None:
     """head.safetensors, config.json (train + head config and the fingerprints used), history.json, curve.png."""
-    from pipeline.figures import curve_figure
+    from pipeline.figures.plots import curve_figure
 
     run_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(run_dir / "head.safetensors"))

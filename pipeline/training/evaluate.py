@@ -25,15 +25,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from pipeline import readers
+from pipeline.cache import label_readers as readers
+from pipeline.cache.store import FeatureStore
+from pipeline.cache.voc import CLASS_NAMES, palette
 from pipeline.config import LabelSource
 from pipeline.errors import ConfigError, LabelError, StoreError, StoreMismatchError
-from pipeline.extract import pick_device
-from pipeline.geometry import canvas_to_original
+from pipeline.features.extract import pick_device
 from pipeline.heads import SegHead, head_from_config
-from pipeline.metrics import ConfusionMatrix
-from pipeline.store import FeatureStore
-from pipeline.voc import CLASS_NAMES, palette
+from pipeline.resample import canvas_to_original
+from pipeline.training.metrics import ConfusionMatrix
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def load_run(run_dir: Path) -> tuple[SegHead, dict[str, Any]]:
 
 def check_compatible(config: dict[str, Any], store: FeatureStore) -> None:
     """Refuse a store made with another backbone, weights, layers or geometry than the run's."""
-    from pipeline.train import store_identity
+    from pipeline.training.train import store_identity
 
     trained, here = config["store"]["identity"], store_identity(store)
     diffs = [f"{k}: run has {trained[k]!r}, store has {here[k]!r}" for k in trained if trained[k] != here.get(k)]
@@ -147,7 +147,7 @@ def _save_palette_png(pred: np.ndarray, path: Path) -> None:
 
 def evaluate_run(run_dir: Path, store: FeatureStore, gt: LabelSource, **kwargs: Any) -> EvalResult:
     """Evaluate a run folder's head and write metrics.json, confusion.npy and confusion.png into it."""
-    from pipeline.figures import confusion_figure
+    from pipeline.figures.plots import confusion_figure
 
     head, config = load_run(run_dir)
     check_compatible(config, store)

@@ -21,9 +21,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from pipeline.cache.geometry import IGNORE
+from pipeline.cache.voc import CLASS_NAMES, palette
 from pipeline.errors import ConfigError
-from pipeline.geometry import IGNORE
-from pipeline.voc import CLASS_NAMES, palette
 
 logger = logging.getLogger(__name__)
 

@@ -13,22 +13,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pipeline.backbones import resolve_weights
+from pipeline.cache.store import FeatureStore
 from pipeline.config import ExtractConfig, TrainConfig, Workspace
-from pipeline.data import find_images
 from pipeline.errors import WeightsNotFoundError
-from pipeline.extract import extract
-from pipeline.runs import RunOutcome, train_and_evaluate
-from pipeline.store import FeatureStore
-from pipeline.toy import make_toy
-from pipeline.viz import KMeansVizConfig, KMeansVizResult, kmeans_viz
+from pipeline.features.backbones import resolve_weights
+from pipeline.features.data import find_images
+from pipeline.features.extract import extract
+from pipeline.figures.shape_prior import KMeansVizConfig, KMeansVizResult, kmeans_viz
+from pipeline.toy.dataset import make_toy
+from pipeline.training.runs import RunOutcome, train_and_evaluate
 
 log = logging.getLogger(__name__)
 
 #: Label sets compared by the demo, in table order (names of the toy workspace).
 DEMO_LABELS = ("gt", "scribble", "point", "eps", "seam", "vl")
 
-#: Called with (stage, done, total, loss or None), like :data:`pipeline.runs.StageProgress`.
+#: Called with (stage, done, total, loss or None), like :data:`pipeline.training.runs.StageProgress`.
 DemoProgress = Callable[[str, int, int, float | None], None]
 
 

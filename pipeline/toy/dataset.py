@@ -24,11 +24,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from pipeline.cache.geometry import IGNORE
+from pipeline.cache.voc import CLASS_NAMES, NUM_CLASSES, SCRIBBLE_TAGS, palette
 from pipeline.config import TOY_WORKSPACE
 from pipeline.errors import ConfigError
-from pipeline.geometry import IGNORE
-from pipeline.metrics import ConfusionMatrix
-from pipeline.voc import CLASS_NAMES, NUM_CLASSES, SCRIBBLE_TAGS, palette
+from pipeline.training.metrics import ConfusionMatrix
 
 log = logging.getLogger(__name__)
 
