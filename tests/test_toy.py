@@ -199,11 +199,13 @@ def test_same_seed_same_bytes_other_seed_other_data(small: ToyDataset, tmp_path:
         for rel in (f"VOC2012/SegmentationClass/{image_id}.png", f"labels/pseudo_eps/{image_id}.png"):
             assert other_files[rel] != toy_files[rel]
     assert other_files["labels/points.json"] != toy_files["labels/points.json"]
-    # image i draws from its own stream: a smaller small of the same seed starts with the same images
-    small = make_toy(tmp_path / "small", n_train=2, n_val=1, seed=0)
-    for image_id in small.train_ids + small.val_ids:
+    # image i draws from its own stream: a smaller toy of the same seed starts with the same images,
+    # whether they fall in its train or its val split
+    fewer = make_toy(tmp_path / "fewer", n_train=2, n_val=1, seed=0)
+    assert fewer.train_ids + fewer.val_ids == (small.train_ids + small.val_ids)[:3]
+    for image_id in fewer.train_ids + fewer.val_ids:
         for rel in (f"VOC2012/JPEGImages/{image_id}.jpg", f"VOC2012/SegmentationClass/{image_id}.png"):
-            assert (small.root / rel).read_bytes() == (small.root / rel).read_bytes()
+            assert (fewer.root / rel).read_bytes() == toy_files[rel]
 
 
 def test_workspace_file_parses_and_points_at_existing_files(small: ToyDataset) -> None:
