@@ -1,29 +1,38 @@
-"""Stage configs (frozen dataclasses) and the ``ssvt.toml`` workspace file.
+"""Every config in one place: the stage configs (frozen dataclasses) and the ``ssvt.toml`` workspace.
 
 Usage::
 
     ws = Workspace.load("ssvt.toml")
     cfg = ExtractConfig(model="dinov2_vitl14", size=448, layers="last")
-    store = ws.store_path(cfg, "val")      # cache/dinov2_vitl14-448-last/val.zarr
+    TrainConfig(labels="eps", head="bn-linear").to_dict()     # written into every run folder
+    ws.layout.find_store("val")                                # cache/dinov2_vitl14-448-last/val.zarr
+
+Head names and label kinds are checked against their registries (:mod:`pipeline.heads`,
+:mod:`pipeline.cache.label_kinds`); an unknown key in ``ssvt.toml`` is an error naming the valid ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from pipeline.cache.geometry import PATCH
+from pipeline.cache.geometry import IGNORE, PATCH
+from pipeline.cache.label_kinds import LabelSource, guess_kind
+from pipeline.cache.names import CacheLayout
 from pipeline.errors import ConfigError
+from pipeline.heads import DEFAULT_HEAD, check_head
 
 WORKSPACE_FILE = "ssvt.toml"
 DATA_FORMATS = ("voc", "folder", "list")
-LABEL_KINDS = ("mask", "rgb-mask", "scribble-xml", "scribble-png", "points-json", "cls-labels")
+#: Default resolution of PNG figures, dots per inch.
+DPI = 150
 
 
-class _Dict:
+class ConfigDict:
     """``to_dict``/``from_dict`` for flat dataclasses, so configs can be written into artifacts."""
 
     def to_dict(self) -> dict[str, Any]:
@@ -39,7 +48,7 @@ class _Dict:
 
 
 @dataclass(frozen=True)
-class ExtractConfig(_Dict):
+class ExtractConfig(ConfigDict):
     """Settings of one ``ssvt extract`` run.
 
     ``layers`` is "last", "last4" or comma-separated block indices ("8,9,10,11"). ``random_init``
@@ -80,19 +89,12 @@ class ExtractConfig(_Dict):
     def views(self) -> tuple[str, ...]:
         return ("original", "hflip") if self.flip else ("original",)
 
-    @property
-    def cache_name(self) -> str:
-        """Folder name of this config's cache: ``<model>-<size>-<layers>`` (+ ``-random`` without weights)."""
-        layers = self.layers.replace(",", "_").replace(" ", "")
-        suffix = "-random" if self.random_init else ""
-        return f"{self.model}-{self.size}-{layers}{suffix}"
-
 
 SCHEDULES = ("cosine", "poly")
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Dict):
+class TrainConfig(ConfigDict):
     """Settings of one ``ssvt train-head`` run (AdamW, linear warm-up, then cosine or poly decay).
 
     Training runs ``epochs`` passes over the labelled images, or more when that is fewer than
@@ -104,7 +106,7 @@ class TrainConfig(_Dict):
     """
 
     labels: str = "gt"
-    head: str = "bn-linear"
+    head: str = DEFAULT_HEAD
     epochs: int = 30
     min_steps: int = 300
     batch_size: int = 16
@@ -119,6 +121,7 @@ class TrainConfig(_Dict):
     memory: str = "auto"
 
     def __post_init__(self) -> None:
+        check_head(self.head)
         if self.epochs < 1 or self.batch_size < 1 or self.min_steps < 0:
             raise ConfigError(f"epochs and batch size must be at least 1, got {self.epochs} and {self.batch_size}")
         if self.lr <= 0 or self.weight_decay < 0:
@@ -134,17 +137,108 @@ class TrainConfig(_Dict):
 
 
 @dataclass(frozen=True)
-class LabelSource:
-    """A named label source of the workspace: its kind and where its files are."""
+class KMeansVizConfig(ConfigDict):
+    """Settings of one ``ssvt kmeans-viz`` run.
 
-    name: str
-    kind: str
-    path: Path
-    background: Path | None = None
+    ``ids`` picks the images (in that order); otherwise ``n`` images are drawn at random with ``seed``
+    among the extracted ones (and, with ground truth, among those that have a mask), shown in store
+    order. ``seed`` also seeds K-means. ``normalize`` L2-normalises tokens before clustering; ``joint``
+    fits one K-means over all chosen images. ``view`` is the store view (0 = original canvas; a
+    mirrored view is mirrored back). ``num_classes`` is for scoring; ``dpi`` for the PNG figure.
+    """
+
+    ks: tuple[int, ...] = (2, 4, 6)
+    ids: tuple[str, ...] | None = None
+    n: int = 4
+    seed: int = 0
+    joint: bool = False
+    normalize: bool = True
+    pca: bool = True
+    view: int = 0
+    n_init: int = 4
+    num_classes: int = 21
+    dpi: int = DPI
 
     def __post_init__(self) -> None:
-        if self.kind not in LABEL_KINDS:
-            raise ConfigError(f"label source {self.name!r} has kind {self.kind!r}; valid kinds are {', '.join(LABEL_KINDS)}")
+        # Lists arrive from JSON (from_dict) and from the CLI; store tuples so the config stays hashable.
+        object.__setattr__(self, "ks", tuple(self.ks))
+        if self.ids is not None:
+            object.__setattr__(self, "ids", tuple(self.ids))
+        if not self.ks:
+            raise ConfigError("ks must name at least one number of clusters, e.g. 2,4,6")
+        bad = [k for k in self.ks if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < IGNORE]
+        if bad:
+            raise ConfigError(f"every K must be an integer in [1, {IGNORE - 1}] (cluster maps are palette PNGs), got {bad}")
+        if len(set(self.ks)) != len(self.ks):
+            raise ConfigError(f"ks repeats a value: {list(self.ks)}")
+        if self.ids is not None:
+            if not self.ids:
+                raise ConfigError("ids is empty; leave it out to draw n random images")
+            dupes = sorted({i for i in self.ids if self.ids.count(i) > 1})
+            if dupes:
+                raise ConfigError(f"ids repeat: {dupes[:5]}")
+        if self.n < 1:
+            raise ConfigError(f"n must be at least 1, got {self.n}")
+        if self.view < 0:
+            raise ConfigError(f"view must be 0 or more, got {self.view}")
+        if self.n_init < 1:
+            raise ConfigError(f"n_init must be at least 1, got {self.n_init}")
+        if self.num_classes < 1:
+            raise ConfigError(f"num_classes must be at least 1, got {self.num_classes}")
+        if not 10 <= self.dpi <= 1200:
+            raise ConfigError(f"dpi must be between 10 and 1200, got {self.dpi}")
+
+
+#: Label sets compared by the demo, in table order (names of the toy workspace).
+DEMO_LABELS = ("gt", "scribble", "point", "eps", "seam", "vl")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Sizes of the tour. The defaults take about a minute on 2 quiet CPU cores (ViT-S/14 at 224)."""
+
+    n_train: int = 96
+    n_val: int = 32
+    model: str = "dinov2_vits14"
+    size: int = 224
+    labels: tuple[str, ...] = DEMO_LABELS
+    # A higher learning rate and fewer steps than the DINOv2 protocol, and dense labels trained on a
+    # random 1,024 pixels per image: the full-resolution loss dominates head training on a CPU.
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(lr=1e-2, epochs=1, min_steps=200, batch_size=16, pixels_per_image=1024)
+    )
+    kmeans_images: int = 4
+    seed: int = 0
+
+
+#: The keys ``ssvt.toml`` may hold, per section (``labels.*`` is every ``[labels.NAME]`` table).
+WORKSPACE_KEYS: dict[str, tuple[str, ...]] = {
+    "dataset": ("root", "format", "splits", "train_split", "val_split", "num_classes"),
+    "paths": ("cache", "runs"),
+    "labels.*": ("kind", "path", "background"),
+}
+
+
+def _check_keys(where: str, found: dict[str, Any], valid: tuple[str, ...] | list[str], file: Path) -> None:
+    """ConfigError naming the first unknown key of a table, a close valid spelling, and the valid keys."""
+    for key in found:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean `{close[0]}`?)" if close else ""
+            raise ConfigError(f"{file}: unknown key `{key}` in {where}{hint}; valid keys: {', '.join(valid)}")
+
+
+def _check_workspace_keys(raw: dict[str, Any], file: Path) -> None:
+    _check_keys("the file (sections)", raw, ["dataset", "paths", "labels"], file)
+    for section in ("dataset", "paths", "labels"):
+        if section in raw and not isinstance(raw[section], dict):
+            raise ConfigError(f"{file}: `{section}` must be a table, [{section}]")
+    _check_keys("[dataset]", raw.get("dataset", {}), WORKSPACE_KEYS["dataset"], file)
+    _check_keys("[paths]", raw.get("paths", {}), WORKSPACE_KEYS["paths"], file)
+    for name, entry in raw.get("labels", {}).items():
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{file}: labels.{name} must be a table, [labels.{name}] with kind and path")
+        _check_keys(f"[labels.{name}]", entry, WORKSPACE_KEYS["labels.*"], file)
 
 
 @dataclass(frozen=True)
@@ -178,6 +272,7 @@ class Workspace:
 
     @classmethod
     def from_toml(cls, raw: dict[str, Any], path: Path) -> Workspace:
+        _check_workspace_keys(raw, path)
         base = path.resolve().parent
         ds = raw.get("dataset", {})
         paths = raw.get("paths", {})
@@ -215,24 +310,10 @@ class Workspace:
         default = Path.cwd() / WORKSPACE_FILE
         return cls.load(default) if default.is_file() else None
 
-    def store_path(self, cfg: ExtractConfig, split: str) -> Path:
-        return self.cache_dir / cfg.cache_name / f"{split}.zarr"
-
-    def find_store(self, split: str, features: str | None = None) -> Path:
-        """The cached store of ``split``: ``<cache>/<features>/<split>.zarr``, or the only cache that
-        has this split when ``features`` is None."""
-        if features is not None:
-            path = self.cache_dir / features / f"{split}.zarr"
-            if not path.exists():
-                raise ConfigError(f"no store {path}; run `ssvt extract` first or check --features")
-            return path
-        found = sorted(self.cache_dir.glob(f"*/{split}.zarr"))
-        if not found:
-            raise ConfigError(f"no cached features for split {split!r} under {self.cache_dir}; run `ssvt extract` first")
-        if len(found) > 1:
-            names = ", ".join(p.parent.name for p in found)
-            raise ConfigError(f"several caches have split {split!r} ({names}); choose one with --features NAME")
-        return found[0]
+    @property
+    def layout(self) -> CacheLayout:
+        """The names under this workspace's cache and runs folders."""
+        return CacheLayout(self.cache_dir, self.runs_dir)
 
     def label_source(self, name: str) -> LabelSource:
         if name not in self.labels:
@@ -267,96 +348,4 @@ def label_source(name_or_path: str, workspace: Workspace | None, kind: str | Non
     if not path.exists():
         known = ", ".join(sorted(workspace.labels)) if workspace else "none (no ssvt.toml here)"
         raise ConfigError(f"{name_or_path!r} is neither a label source of the workspace (known: {known}) nor a path")
-    if kind is None:
-        kind = {".json": "points-json", ".npy": "cls-labels"}.get(path.suffix, "mask")
-    return LabelSource(path.stem, kind, path.resolve())
-
-
-INIT_TEMPLATE = """\
-# ssvt workspace: the dataset, where caches and runs go, and the label sources by name.
-# Relative paths are relative to this file. Every setting can also be given as a command-line flag.
-
-[dataset]
-# A VOC root (the folder holding JPEGImages/, SegmentationClass/, ImageSets/Segmentation/),
-# a folder with images/ (+ masks/) paired by file stem, or a plain folder of images.
-root = "VOCdevkit/VOC2012"
-format = "voc"                  # voc | folder | list
-splits = ["train_aug", "val"]   # ImageSets/Segmentation/<split>.txt; `ssvt extract` caches each
-train_split = "train_aug"
-val_split = "val"
-num_classes = 21
-
-[paths]
-cache = "cache"                 # feature stores: cache/<model>-<size>-<layers>/<split>.zarr
-runs = "runs"                   # one folder per `ssvt train-head` run
-
-# Label sources, used by `ssvt train-head --labels NAME`. Kinds: mask (palette or single-channel PNGs,
-# 255 = ignore), rgb-mask, scribble-xml (ScribbleSup), scribble-png, points-json ("What's the Point",
-# optional `background` file), cls-labels (cls_labels.npy). Without a [labels.gt] entry, `gt` is the
-# dataset's SegmentationClassAug/ when present, else SegmentationClass/ (or masks/ for folders).
-[labels.gt]
-kind = "mask"
-path = "VOCdevkit/VOC2012/SegmentationClassAug"
-
-# [labels.scribble]
-# kind = "scribble-xml"
-# path = "scribble_annotation/pascal_2012"
-
-# [labels.point]
-# kind = "points-json"
-# path = "whats_the_point/pascal2012_trainval_main.json"
-# background = "whats_the_point/pascal2012_trainval_bg.json"
-
-# [labels.eps]
-# kind = "mask"
-# path = "EPS/result/cam_png"
-"""
-
-#: The workspace `ssvt make-toy` writes next to its data (the label sources of the toy).
-TOY_WORKSPACE = """\
-# ssvt workspace (written by `ssvt make-toy`): the dataset, where caches and runs go, and the label sources.
-# Relative paths are relative to this file.
-
-[dataset]
-root = "VOC2012"                # a VOC root: JPEGImages/, SegmentationClass/, ImageSets/Segmentation/
-format = "voc"
-splits = ["train", "val"]       # ImageSets/Segmentation/<split>.txt
-train_split = "train"
-val_split = "val"
-num_classes = 21
-
-[paths]
-cache = "cache"                 # feature stores
-runs = "runs"                   # one folder per training run
-
-# Label sources by name (`--labels NAME`). Kinds: mask (PNG class ids, 255 = ignore), scribble-xml
-# (ScribbleSup), points-json ("What's the Point", + background clicks), cls-labels (cls_labels.npy).
-[labels.gt]
-kind = "mask"                   # the full ground truth: the upper bound
-path = "VOC2012/SegmentationClass"
-
-[labels.scribble]
-kind = "scribble-xml"           # one stroke per object and 1-2 background strokes, short tags
-path = "labels/scribbles"
-
-[labels.point]
-kind = "points-json"            # one click per object ...
-path = "labels/points.json"
-background = "labels/points_bg.json"   # ... plus 1-2 background clicks
-
-[labels.seam]
-kind = "mask"                   # SEAM-like pseudo-masks from image-level labels (poorer)
-path = "labels/pseudo_seam"
-
-[labels.eps]
-kind = "mask"                   # EPS-like pseudo-masks (better)
-path = "labels/pseudo_eps"
-
-[labels.vl]
-kind = "mask"                   # zero-shot vision-language masks, 255 = low confidence
-path = "labels/vl"
-
-[labels.cls]
-kind = "cls-labels"             # image-level labels: id -> 20 multi-hot, no background slot
-path = "labels/cls_labels.npy"
-"""
+    return LabelSource(path.stem, kind or guess_kind(path), path.resolve())

@@ -1,5 +1,8 @@
 """Light segmentation heads on cached patch tokens, built by name from a small registry.
 
+A head is one class plus one :func:`register_head` line; the CLI choices and help, the config check
+and the tests read the registry, so nothing else needs to change to add one.
+
 A head maps tokens (B, h, w, C) (any float dtype; float16 from the cache is cast to the head's dtype)
 to logits (B, K, h, w) at patch resolution; the loss upsamples them (see :mod:`pipeline.losses`).
 ``C`` may be ``n_layers`` cached blocks concatenated on channels (groups of ``C / n_layers``)::
@@ -15,7 +18,7 @@ import inspect
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -29,10 +32,41 @@ DEFAULT_HEAD = "bn-linear"
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """One registry entry: the name used in configs and a one-line description for help texts."""
+    """One registry entry: the name used in configs, the class that builds it and a one-line help."""
 
     name: str
+    builder: Callable[..., SegHead]
     description: str
+
+
+#: name -> entry, in registration order (the order of the help texts).
+HEADS: dict[str, HeadSpec] = {}
+H = TypeVar("H", bound="type[SegHead]")
+
+
+def register_head(name: str, description: str) -> Callable[[H], H]:
+    """Class decorator: register a :class:`SegHead` subclass under ``name``. Its ``__init__`` takes
+    ``(in_channels, num_classes, n_layers=1, **options)``; the options' defaults are its defaults."""
+
+    def add(cls: H) -> H:
+        if name in HEADS:
+            raise ConfigError(f"head {name!r} is registered already")
+        HEADS[name] = HeadSpec(name, cls, description)
+        return cls
+
+    return add
+
+
+def check_head(name: str) -> HeadSpec:
+    """The registry entry ``name``; ConfigError listing the valid heads otherwise."""
+    if name not in HEADS:
+        raise ConfigError(f"unknown head {name!r}; valid heads: {', '.join(HEADS)}")
+    return HEADS[name]
+
+
+def heads_help() -> str:
+    """Every head with its one-line description, for help texts."""
+    return "; ".join(f"{spec.name}: {spec.description}" for spec in HEADS.values())
 
 
 class SegHead(nn.Module):
@@ -62,6 +96,7 @@ class SegHead(nn.Module):
         return self.body(x)
 
 
+@register_head("linear", "1x1 conv on the tokens (no normalisation)")
 class LinearHead(SegHead):
     """A 1x1 convolution: one linear classifier applied to every patch token."""
 
@@ -70,6 +105,7 @@ class LinearHead(SegHead):
         self.body = nn.Conv2d(in_channels, num_classes, kernel_size=1)
 
 
+@register_head("bn-linear", "BatchNorm + 1x1 conv, the DINOv2 linear protocol (default)")
 class BNLinearHead(SegHead):
     """The DINOv2 "lin" protocol: BatchNorm over all (concatenated) channels, then a 1x1 conv."""
 
@@ -78,6 +114,7 @@ class BNLinearHead(SegHead):
         self.body = nn.Sequential(nn.BatchNorm2d(in_channels), nn.Conv2d(in_channels, num_classes, kernel_size=1))
 
 
+@register_head("mlp", "BatchNorm + 1x1 conv + GELU + 1x1 conv (hidden=256)")
 class MLPHead(SegHead):
     """BatchNorm, then a per-token two-layer MLP (1x1 conv, GELU, 1x1 conv)."""
 
@@ -91,6 +128,7 @@ class MLPHead(SegHead):
         )
 
 
+@register_head("conv", "BatchNorm + two 3x3 conv/BN/ReLU blocks (hidden=256) + 1x1 conv")
 class ConvHead(SegHead):
     """BatchNorm, two 3x3 conv + BN + ReLU blocks (spatial context of 5x5 patches), 1x1 conv to K."""
 
@@ -108,21 +146,6 @@ class ConvHead(SegHead):
         )
 
 
-HEADS: dict[str, HeadSpec] = {
-    "linear": HeadSpec("linear", "1x1 conv on the tokens (no normalisation)"),
-    "bn-linear": HeadSpec("bn-linear", "BatchNorm + 1x1 conv: the DINOv2 linear protocol (default)"),
-    "mlp": HeadSpec("mlp", "BatchNorm + 1x1 conv + GELU + 1x1 conv (hidden=256)"),
-    "conv": HeadSpec("conv", "BatchNorm + two 3x3 conv/BN/ReLU blocks (hidden=256) + 1x1 conv"),
-}
-
-_BUILDERS: dict[str, Callable[..., SegHead]] = {
-    "linear": LinearHead,
-    "bn-linear": BNLinearHead,
-    "mlp": MLPHead,
-    "conv": ConvHead,
-}
-
-
 def _defaults(cls: Callable[..., SegHead]) -> dict[str, Any]:
     """The keyword defaults of a head class beyond the common three arguments."""
     params = inspect.signature(cls).parameters
@@ -136,14 +159,13 @@ def build_head(name: str, in_channels: int, num_classes: int, *, n_layers: int =
     ``in_channels`` is the token width C as stored (all ``n_layers`` blocks together); ``overrides``
     merge over the entry's defaults (e.g. ``hidden=64`` for "mlp"/"conv").
     """
-    if name not in HEADS:
-        raise ConfigError(f"unknown head {name!r}; valid heads: {', '.join(HEADS)}")
+    spec = check_head(name)
     for key, value in (("in_channels", in_channels), ("num_classes", num_classes), ("n_layers", n_layers)):
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{key} must be a positive integer, got {value!r}")
     if in_channels % n_layers:
         raise ConfigError(f"in_channels={in_channels} is not divisible by n_layers={n_layers}")
-    cls = _BUILDERS[name]
+    cls = spec.builder
     defaults = _defaults(cls)
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from benchlib import cpu_seconds, print_table
 
-from pipeline.cache.labels import LabelStore, ensure_labels
+from pipeline.cache.labels import LabelSet, ensure_labels
 from pipeline.cache.store import FeatureStore, default_images_per_shard
 from pipeline.config import ExtractConfig, TrainConfig, Workspace
 from pipeline.features.backbones import Backbone, build_backbone
@@ -60,7 +60,7 @@ NUM_CLASSES = 21
 Timed = Callable[[], tuple[float, float, int]]
 
 
-def loss_fn(labels: LabelStore, pixels: int | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def loss_fn(labels: LabelSet, pixels: int | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The loss train_head uses for this label set and ``pixels_per_image``."""
     if labels.sparse:
         return sparse_loss
@@ -70,7 +70,7 @@ def loss_fn(labels: LabelStore, pixels: int | None) -> Callable[[torch.Tensor, t
     return dense_loss
 
 
-def cache_epoch(store: FeatureStore, labels: LabelStore, memory: str, pixels: int | None, args: argparse.Namespace,
+def cache_epoch(store: FeatureStore, labels: LabelSet, memory: str, pixels: int | None, args: argparse.Namespace,
                 run_dir: Path) -> Timed:  # fmt: skip
     cfg = TrainConfig(
         labels=labels.name, epochs=1, min_steps=0, batch_size=args.batch_size, flip=False, device="cpu", memory=memory,
@@ -88,7 +88,7 @@ def cache_epoch(store: FeatureStore, labels: LabelStore, memory: str, pixels: in
 
 
 def online_epoch(
-    items: list[ImageItem], backbone: Backbone, labels: LabelStore, pixels: int | None, args: argparse.Namespace
+    items: list[ImageItem], backbone: Backbone, labels: LabelSet, pixels: int | None, args: argparse.Namespace
 ) -> Timed:
     """Decode + backbone + head on ``args.online_batches`` batches; the time is per image x len(items)."""
     masks = torch.from_numpy(labels.masks(np.arange(len(items))))  # (N, S, S) uint8, store order = items order

@@ -223,7 +223,7 @@ def test_chunked_official_keys_load(exported, tmp_path):
 
 # --- registry ----------------------------------------------------------------------------------------------
 
-# Independent copy of the published table (REFERENCE.md section 3).
+# Independent copy of the published table (the DINOv2 model card and the official hub configs).
 HUB = {
     "s": ("small", 384, 12, 6, "mlp"),
     "b": ("base", 768, 12, 12, "mlp"),

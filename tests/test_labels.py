@@ -20,7 +20,9 @@ from scipy import ndimage
 from pipeline.cache import label_readers as readers
 from pipeline.cache import labels as labels_module
 from pipeline.cache.geometry import IGNORE, Geometry, fit_geometry, mask_to_canvas
-from pipeline.cache.labels import LabelStore, ensure_labels, import_labels, label_path, sparse_mask_to_canvas
+from pipeline.cache.label_readers import sparse_mask_to_canvas
+from pipeline.cache.labels import LabelSet, ensure_labels, import_labels
+from pipeline.cache.names import label_set_path
 from pipeline.cache.store import FeatureStore
 from pipeline.cache.voc import NUM_CLASSES, SCRIBBLE_TAGS
 from pipeline.config import ExtractConfig, LabelSource, Workspace, label_source
@@ -71,7 +73,7 @@ def sources(toy) -> dict[str, LabelSource]:
 
 
 @pytest.fixture(scope="module")
-def imported(base_store, sources, tmp_path_factory) -> tuple[FeatureStore, dict[str, LabelStore]]:
+def imported(base_store, sources, tmp_path_factory) -> tuple[FeatureStore, dict[str, LabelSet]]:
     """Every source imported once into a copy of the store."""
     dst = tmp_path_factory.mktemp("imported") / "train.zarr"
     shutil.copytree(base_store, dst)
@@ -134,7 +136,7 @@ def test_every_kind_imports_with_a_consistent_record(imported, sources, name):
     fs, sets = imported
     ls = sets[name]
     kind, sparse = KINDS[name]
-    assert ls.path == fs.path.parent / f"train.labels.{name}.h5" == label_path(fs, name)
+    assert ls.path == fs.path.parent / f"train.labels.{name}.h5" == label_set_path(fs.path, name)
     assert {"name": name, "path": str(ls.path)} in fs.label_sets()
     assert (ls.name, ls.kind, ls.sparse, ls.canvas) == (name, kind, sparse, SIZE)
     n = fs.n_images
@@ -491,7 +493,7 @@ def test_a_changed_class_count_reimports_and_validates_again(store, sources):
     assert ls.attrs["num_classes"] == NUM_CLASSES
     with pytest.raises(LabelError, match=r"are neither classes 0\.\.4 nor 255"):
         ensure_labels(sources["eps"], store, num_classes=5)
-    assert LabelStore.open(ls.path).attrs == ls.attrs, "the failed re-import leaves the old set in place"
+    assert LabelSet.open(ls.path).attrs == ls.attrs, "the failed re-import leaves the old set in place"
 
 
 def test_changed_single_file_source_is_reimported(store, toy, tmp_path):
@@ -538,10 +540,10 @@ def test_open_refuses_unreadable_and_newer_label_stores(imported, tmp_path):
     junk = tmp_path / "junk.h5"
     junk.write_bytes(b"not hdf5")
     with pytest.raises(StoreError, match="not a readable ssvt label store"):
-        LabelStore.open(junk)
+        LabelSet.open(junk)
     newer = tmp_path / "newer.h5"
     shutil.copy(sets["eps"].path, newer)
     with h5py.File(newer, "r+") as f:
         f.attrs["ssvt_label_schema"] = labels_module.LABEL_SCHEMA + 1
     with pytest.raises(StoreError, match="newer than this ssvt"):
-        LabelStore.open(newer)
+        LabelSet.open(newer)

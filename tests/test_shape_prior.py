@@ -10,12 +10,12 @@ import pytest
 from PIL import Image
 
 from pipeline.cache.store import FeatureStore
-from pipeline.config import ExtractConfig, LabelSource
+from pipeline.config import ExtractConfig, KMeansVizConfig, LabelSource
 from pipeline.errors import ConfigError, DataError
 from pipeline.features.data import ImageItem, find_images
 from pipeline.features.extract import extract
 from pipeline.figures.plots import LEGEND_IN, PANEL_IN, cluster_colors
-from pipeline.figures.shape_prior import KMeansVizConfig, choose_images, kmeans_viz
+from pipeline.figures.shape_prior import choose_images, kmeans_viz
 
 TINY = {"model": "vit_tiny_test", "random_init": True, "size": 56, "workers": 0, "batch_size": 4, "flip": True}
 PATCH = 14

@@ -15,10 +15,10 @@ from pipeline.cache.store import FeatureStore
 from pipeline.config import ExtractConfig, TrainConfig, Workspace
 from pipeline.errors import ConfigError, LabelError, StoreMismatchError
 from pipeline.features.data import find_images
-from pipeline.features.extract import extract
-from pipeline.training.evaluate import evaluate, evaluate_run, load_run
+from pipeline.features.extract import extract, store_path
+from pipeline.training.evaluate import evaluate, load_run, score_head
 from pipeline.training.metrics import ConfusionMatrix
-from pipeline.training.runs import evaluate_existing, train_and_evaluate
+from pipeline.training.runs import train_and_evaluate
 
 TINY = ExtractConfig(model="vit_tiny_test", random_init=True, size=112, workers=0, flip=True)
 FAST = TrainConfig(lr=2e-2, epochs=1, min_steps=60, batch_size=8)
@@ -33,7 +33,7 @@ def ws(tmp_path_factory, toy) -> Workspace:
     shutil.copytree(toy.root, root)
     w = Workspace.load(root / "ssvt.toml")
     for split in ("train", "val"):
-        extract(find_images(w.data_root, split), w.store_path(TINY, split), TINY)
+        extract(find_images(w.data_root, split), store_path(TINY, w.layout, split), TINY)
     return w
 
 
@@ -58,7 +58,7 @@ def test_head_on_ground_truth_beats_constant_predictor(ws, tmp_path):
     for name in ("head.safetensors", "config.json", "curve.png", "train.log", "confusion.npy", "confusion.png"):
         assert (tmp_path / "run" / name).stat().st_size > 0, name
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert cfg["store"]["fingerprint"] == FeatureStore.open(ws.store_path(TINY, "train")).fingerprint()
+    assert cfg["store"]["fingerprint"] == FeatureStore.open(store_path(TINY, ws.layout, "train")).fingerprint()
     assert len(cfg["labels"]["fingerprint"]) == 64
     assert "validation mIoU" in (tmp_path / "run" / "train.log").read_text()
 
@@ -86,8 +86,8 @@ def test_every_label_type_trains(ws, tmp_path, name):
 
 def test_saved_predictions_line_up_with_ground_truth(ws, tmp_path):
     train_and_evaluate(FAST, ws.labels["gt"], ws, out=tmp_path / "run")
-    val = FeatureStore.open(ws.store_path(TINY, "val"))
-    result = evaluate_run(tmp_path / "run", val, ws.labels["gt"], save_predictions=tmp_path / "pred")
+    val = FeatureStore.open(store_path(TINY, ws.layout, "val"))
+    result = evaluate(tmp_path / "run", ws.labels["gt"], store_path=val.path, save_predictions=tmp_path / "pred")
     cm = ConfusionMatrix(21)
     for image_id in val.ids:
         pred = Image.open(tmp_path / "pred" / f"{image_id}.png")
@@ -107,25 +107,25 @@ def test_saved_predictions_line_up_with_ground_truth(ws, tmp_path):
 
 def test_flip_tta_and_store_mismatch(ws, tmp_path):
     train_and_evaluate(FAST, ws.labels["gt"], ws, out=tmp_path / "run")
-    tta = evaluate_existing(tmp_path / "run", ws.labels["gt"], ws, flip_tta=True)
-    plain = evaluate_existing(tmp_path / "run", ws.labels["gt"], ws)
+    tta = evaluate(tmp_path / "run", ws.labels["gt"], flip_tta=True)
+    plain = evaluate(tmp_path / "run", ws.labels["gt"])
     assert tta.flip_tta
     assert tta.miou != plain.miou
     assert tta.miou > constant_miou(ws)
     other = ExtractConfig(model="vit_tiny_test", random_init=True, size=56, workers=0)
     extract(find_images(ws.data_root, "val"), tmp_path / "other.zarr", other)
     with pytest.raises(StoreMismatchError, match=r"size: run has 112, store has 56"):
-        evaluate_existing(tmp_path / "run", ws.labels["gt"], ws, store=tmp_path / "other.zarr")
+        evaluate(tmp_path / "run", ws.labels["gt"], store_path=tmp_path / "other.zarr")
     head, _ = load_run(tmp_path / "run")
     with pytest.raises(ConfigError, match="no flipped view"):
-        evaluate(head, FeatureStore.open(tmp_path / "other.zarr"), ws.labels["gt"], flip_tta=True)
+        score_head(head, FeatureStore.open(tmp_path / "other.zarr"), ws.labels["gt"], flip_tta=True)
 
 
 def test_class_count_mismatch_and_bad_labels(ws, tmp_path):
     train_and_evaluate(FAST, ws.labels["gt"], ws, out=tmp_path / "run")
     head, _ = load_run(tmp_path / "run")
     assert head.num_classes == 21
-    store = FeatureStore.open(ws.store_path(TINY, "train"))
+    store = FeatureStore.open(store_path(TINY, ws.layout, "train"))
     with pytest.raises(LabelError, match="image-level"):
         train_and_evaluate(FAST, ws.labels["cls"], ws, out=tmp_path / "cls")
     # A 5-class head cannot take VOC labels with classes up to 20.
@@ -157,8 +157,8 @@ def test_evaluate_matches_brute_force_metric(ws, tmp_path):
 
     train_and_evaluate(FAST, ws.labels["gt"], ws, out=tmp_path / "run")
     head, _ = load_run(tmp_path / "run")
-    val = FeatureStore.open(ws.store_path(TINY, "val"))
-    result = evaluate(head, val, ws.labels["gt"])
+    val = FeatureStore.open(store_path(TINY, ws.layout, "val"))
+    result = score_head(head, val, ws.labels["gt"])
     inter, union = np.zeros(21), np.zeros(21)
     for i, g in enumerate(val.geometries()):
         with torch.inference_mode():
@@ -186,7 +186,7 @@ def test_run_folder_default_names_do_not_overwrite(ws):
 def test_in_memory_features_equal_the_store_for_any_index_set(ws):
     from pipeline.training.train import FeatureBatches
 
-    store = FeatureStore.open(ws.store_path(TINY, "train"))
+    store = FeatureStore.open(store_path(TINY, ws.layout, "train"))
     indices = np.array([0, 1, 2, 5, 6, 9, 10, 11, 12, 13, 14, 15])  # runs longer and shorter than a read
     batches = FeatureBatches(store, indices, 4, torch.device("cpu"), in_memory=True)
     assert batches.tokens is not None
@@ -218,7 +218,7 @@ def test_streamed_batches_cover_the_training_images_with_the_right_tokens(ws, tm
 def test_evaluating_a_head_with_fewer_classes_than_the_ground_truth_names_the_file(ws):
     from pipeline.heads import build_head
 
-    val = FeatureStore.open(ws.store_path(TINY, "val"))
+    val = FeatureStore.open(store_path(TINY, ws.layout, "val"))
     head = build_head("bn-linear", val.channels, 5).eval()
     with pytest.raises(LabelError, match=r"\.png holds classes \[.*\] but the head predicts 5 classes"):
-        evaluate(head, val, ws.labels["gt"])
+        score_head(head, val, ws.labels["gt"])

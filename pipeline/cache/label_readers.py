@@ -360,3 +360,16 @@ def draw_points(points: Iterable[Point], geom: Geometry, radius: int = 0) -> tup
         disk = ((yy - y) ** 2 + (xx - x) ** 2 <= radius**2) & content[y0:y1, x0:x1]
         canvas[y0:y1, x0:x1][disk] = cls
     return canvas, int((~keep).sum())
+
+
+def sparse_mask_to_canvas(mask: np.ndarray, geom: Geometry) -> np.ndarray:
+    """A rasterised sparse label (H, W), 255 = unlabelled -> canvas, each labelled pixel moved to its
+    nearest canvas pixel, so thin strokes survive downscaling (a nearest resize would drop them)."""
+    ys, xs = np.nonzero(mask != IGNORE)
+    out = np.full((geom.canvas, geom.canvas), IGNORE, dtype=np.uint8)
+    if ys.size:
+        xy = np.rint(points_to_canvas(np.stack([xs, ys], axis=1), geom)).astype(np.int64)
+        x = np.clip(xy[:, 0], geom.pad_left, geom.pad_left + geom.resized_width - 1)
+        y = np.clip(xy[:, 1], geom.pad_top, geom.pad_top + geom.resized_height - 1)
+        out[y, x] = mask[ys, xs]
+    return out

@@ -5,9 +5,10 @@ Usage::
     labels = ensure_labels(workspace.label_source("eps"), store, num_classes=21)
     masks = labels.masks(np.arange(10))          # (10, S, S) uint8 on the store's canvas, 255 = ignore
 
-Dense masks are resized with nearest neighbour onto the canvas; scribbles and points are drawn after
-the geometry transform so no stroke or click is lost. This is the only module that imports h5py;
-the file layout is specified in cache_layout.md ("Label store").
+Each label kind's reader (:mod:`pipeline.cache.label_kinds`) places its labels on the canvas: dense
+masks by nearest neighbour, scribbles and points drawn after the geometry transform so no stroke or
+click is lost. This is the only module that imports h5py; the file layout is specified in
+cache_layout.md ("Label store").
 """
 
 from __future__ import annotations
@@ -26,26 +27,20 @@ import h5py
 import numpy as np
 
 from pipeline import __version__
-from pipeline.cache import label_readers as readers
-from pipeline.cache.geometry import IGNORE, Geometry, mask_to_canvas, points_to_canvas
+from pipeline.cache.geometry import IGNORE
+from pipeline.cache.label_kinds import KindReader, LabelSource
+from pipeline.cache.names import ImageStatus, label_set_path
 from pipeline.cache.store import FeatureStore
-from pipeline.config import LabelSource
 from pipeline.errors import LabelError, StoreError, store_io
 
 log = logging.getLogger(__name__)
 
 LABEL_SCHEMA = 1
-SPARSE_KINDS = ("scribble-xml", "scribble-png", "points-json")
-
-
-def label_path(store: FeatureStore, name: str) -> Path:
-    """``<store folder>/<store stem>.labels.<name>.h5``, e.g. ``cache/m-448-last/train.labels.eps.h5``."""
-    return store.path.parent / f"{store.path.stem}.labels.{name}.h5"
 
 
 @dataclass
-class LabelStore:
-    """An imported label set (read-only view of the HDF5 file)."""
+class LabelSet:
+    """An imported label set: a read-only view of its HDF5 file (cache_layout.md, "Label store")."""
 
     path: Path
     name: str
@@ -56,7 +51,7 @@ class LabelStore:
     attrs: dict[str, Any]
 
     @classmethod
-    def open(cls, path: Path) -> LabelStore:
+    def open(cls, path: Path) -> LabelSet:
         try:
             with h5py.File(path, "r") as f:
                 attrs = {k: _decode(v) for k, v in f.attrs.items()}
@@ -111,12 +106,12 @@ def source_fingerprint(source: LabelSource) -> str:
 
 
 def ensure_labels(source: LabelSource, store: FeatureStore, *, num_classes: int, strict: bool = False,
-                  progress: Callable[[int, int], None] | None = None) -> LabelStore:  # fmt: skip
+                  progress: Callable[[int, int], None] | None = None) -> LabelSet:  # fmt: skip
     """The label set for ``store``, imported now if missing or if the source or the store changed."""
-    path = label_path(store, source.name)
+    path = label_set_path(store.path, source.name)
     fp = source_fingerprint(source)
     if path.exists():
-        existing = LabelStore.open(path)
+        existing = LabelSet.open(path)
         recorded = tuple(existing.attrs.get(k) for k in ("source_sha256", "store_fingerprint", "num_classes"))
         if recorded == (fp, store.fingerprint(), num_classes):
             missing = existing.attrs["images_without_label"]
@@ -129,14 +124,14 @@ def ensure_labels(source: LabelSource, store: FeatureStore, *, num_classes: int,
 
 def import_labels(source: LabelSource, store: FeatureStore, *, num_classes: int, strict: bool = False,
                   progress: Callable[[int, int], None] | None = None,
-                  source_sha256: str | None = None) -> LabelStore:  # fmt: skip
+                  source_sha256: str | None = None) -> LabelSet:  # fmt: skip
     """Read every label of ``source`` for the store's images and write the HDF5 label store.
 
     Written to a temporary file and renamed when complete, so a crash never leaves half a label set.
     """
-    reader = _Reader(source, num_classes)
+    reader = source.reader(num_classes)
     geoms, status, ids, s = store.geometries(), store.status(), store.ids, store.size
-    path = label_path(store, source.name)
+    path = label_set_path(store.path, source.name)
     tmp = path.with_suffix(".h5.tmp")
     digest = hashlib.sha256()
     counts = np.zeros(len(ids), dtype=np.int64)
@@ -148,7 +143,7 @@ def import_labels(source: LabelSource, store: FeatureStore, *, num_classes: int,
                 "masks", (len(ids), s, s), dtype=np.uint8, chunks=(1, s, s), compression="lzf", fillvalue=IGNORE
             )
             for i, image_id in enumerate(ids):
-                canvas = reader.canvas(image_id, geoms[i]) if status[i] == 1 else None
+                canvas = reader.canvas(image_id, geoms[i]) if status[i] == ImageStatus.OK else None
                 if canvas is None:
                     missing.append(image_id)
                     canvas = np.full((s, s), IGNORE, dtype=np.uint8)
@@ -163,15 +158,15 @@ def import_labels(source: LabelSource, store: FeatureStore, *, num_classes: int,
             f.create_dataset("pixel_count", data=counts)
             f.create_dataset("class_histogram", data=hist)
             if reader.image_level is not None:  # the masks are all 255 here: the rows are the content to fingerprint
-                rows = reader.image_level_rows(ids)
+                rows = _image_level_rows(reader.image_level, ids)
                 f.create_dataset("image_labels", data=rows)
                 digest.update(rows.tobytes())
             content = counts.sum() / max(
-                1, sum(g.resized_height * g.resized_width for g, st in zip(geoms, status, strict=True) if st == 1)
+                1, sum(g.resized_height * g.resized_width for g, st in zip(geoms, status, strict=True) if st == ImageStatus.OK)
             )
             attrs = {
                 "ssvt_label_schema": LABEL_SCHEMA, "ssvt_version": __version__, "name": source.name, "kind": source.kind,
-                "sparse": source.kind in SPARSE_KINDS, "source": str(source.path),
+                "sparse": source.spec.sparse, "source": str(source.path),
                 "source_background": str(source.background or ""), "source_sha256": source_sha256 or source_fingerprint(source),
                 "store_fingerprint": store.fingerprint(), "sha256": digest.hexdigest(), "num_classes": num_classes,
                 "images": len(ids), "images_without_label": len(missing),
@@ -185,10 +180,10 @@ def import_labels(source: LabelSource, store: FeatureStore, *, num_classes: int,
         tmp.unlink(missing_ok=True)
     if missing:
         log.warning("%d of %d images have no label in %r and are left out of training", len(missing), len(ids), source.name)
-    return LabelStore.open(path)
+    return LabelSet.open(path)
 
 
-def _check_coverage(source: LabelSource, store: FeatureStore, missing: list[str], reader: _Reader, strict: bool) -> None:
+def _check_coverage(source: LabelSource, store: FeatureStore, missing: list[str], reader: KindReader, strict: bool) -> None:
     if reader.image_level is not None and not set(store.ids) & set(reader.image_level):
         raise LabelError(f"label source {source.name!r} ({source.path}) has no entry for any image id of {store.path}")
     if len(missing) == store.n_images:
@@ -200,70 +195,7 @@ def _check_coverage(source: LabelSource, store: FeatureStore, missing: list[str]
         raise LabelError(f"{len(missing)} images have no label in {source.name!r} (first: {missing[0]}); --strict stops here")
 
 
-class _Reader:
-    """Reads one image's label from a source of any kind and places it on the canvas."""
-
-    def __init__(self, source: LabelSource, num_classes: int):
-        self.source, self.num_classes, self.dropped = source, num_classes, 0
-        self.points: dict[str, list[readers.Point]] | None = None
-        self.image_level: dict[str, np.ndarray] | None = None
-        if source.kind == "points-json":
-            self.points = readers.read_points_json(source.path, source.background)
-        elif source.kind == "cls-labels":
-            self.image_level = readers.read_cls_labels(source.path)
-
-    def canvas(self, image_id: str, geom: Geometry) -> np.ndarray | None:
-        kind, folder = self.source.kind, self.source.path
-        if kind == "cls-labels":  # an entry is the image's label; it has no pixels, so the canvas stays 255
-            assert self.image_level is not None
-            return np.full((geom.canvas, geom.canvas), IGNORE, dtype=np.uint8) if image_id in self.image_level else None
-        if kind == "points-json":
-            assert self.points is not None
-            if image_id not in self.points:
-                return None
-            self._check(np.array([p.class_id for p in self.points[image_id]], dtype=np.int64), f"{folder} [{image_id}]")
-            canvas, dropped = readers.draw_points(self.points[image_id], geom)
-            self.dropped += dropped
-            return canvas
-        if kind == "scribble-xml":
-            xml = folder / f"{image_id}.xml"
-            if not xml.exists():
-                return None
-            strokes, _ = readers.read_scribble_xml(xml)
-            self._check(np.array([s.class_id for s in strokes], dtype=np.int64), str(xml))
-            canvas, dropped = readers.draw_strokes(strokes, geom)
-            self.dropped += dropped
-            return canvas
-        path = readers.find_mask(folder, image_id)
-        if path is None:
-            return None
-        mask = readers.read_mask(path)
-        if mask.shape != (geom.height, geom.width):
-            raise LabelError(f"{path} is {mask.shape[1]}x{mask.shape[0]} but its image is {geom.width}x{geom.height} (W x H)")
-        self._check(mask, str(path))
-        return sparse_mask_to_canvas(mask, geom) if kind == "scribble-png" else mask_to_canvas(mask, geom)
-
-    def _check(self, values: np.ndarray, where: str) -> None:
-        bad = np.unique(values[(values >= self.num_classes) & (values != IGNORE)])
-        if bad.size:
-            raise LabelError(
-                f"{where}: label values {bad[:10].tolist()} are neither classes 0..{self.num_classes - 1} nor {IGNORE}"
-            )
-
-    def image_level_rows(self, ids: list[str]) -> np.ndarray:
-        assert self.image_level is not None
-        width = len(next(iter(self.image_level.values())))
-        return np.stack([self.image_level.get(i, np.zeros(width, np.float32)) for i in ids]).astype(np.float32)
-
-
-def sparse_mask_to_canvas(mask: np.ndarray, geom: Geometry) -> np.ndarray:
-    """A rasterised sparse label (H, W), 255 = unlabelled -> canvas, each labelled pixel moved to its
-    nearest canvas pixel, so thin strokes survive downscaling (a nearest resize would drop them)."""
-    ys, xs = np.nonzero(mask != IGNORE)
-    out = np.full((geom.canvas, geom.canvas), IGNORE, dtype=np.uint8)
-    if ys.size:
-        xy = np.rint(points_to_canvas(np.stack([xs, ys], axis=1), geom)).astype(np.int64)
-        x = np.clip(xy[:, 0], geom.pad_left, geom.pad_left + geom.resized_width - 1)
-        y = np.clip(xy[:, 1], geom.pad_top, geom.pad_top + geom.resized_height - 1)
-        out[y, x] = mask[ys, xs]
-    return out
+def _image_level_rows(image_level: dict[str, np.ndarray], ids: list[str]) -> np.ndarray:
+    """(N, C) float32 class flags in store order; zeros for ids without an entry."""
+    width = len(next(iter(image_level.values())))
+    return np.stack([image_level.get(i, np.zeros(width, np.float32)) for i in ids]).astype(np.float32)

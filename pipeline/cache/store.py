@@ -15,7 +15,6 @@ may fill disjoint shards of one store at the same time. Usage::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ from zarr.buffer.cpu import NDBuffer
 
 from pipeline import __version__
 from pipeline.cache.geometry import GEOMETRY_COLUMNS, PATCH, Geometry
+from pipeline.cache.names import ImageStatus, StoreIdentity, label_set_paths
 from pipeline.cache.shardread import ShardReader
 from pipeline.errors import StoreError, store_io
 
@@ -41,8 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-STATUS_MISSING, STATUS_OK, STATUS_FAILED = 0, 1, 2
-STATUS_CODES = {STATUS_MISSING: "not written", STATUS_OK: "ok", STATUS_FAILED: "failed to decode (features zero)"}
 
 # Runtime settings, not stored in the metadata, so they are applied on every open: an all-zero image
 # (a failed decode) is still written, and no chunk pays an emptiness check.
@@ -50,7 +48,6 @@ _ARRAY_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
 _REQUIRED: dict[str, type | tuple[type, ...]] = {"backbone": str, "layers": (list, tuple), "size": int}
 _CHECKED = ("ssvt_schema", "grid", "channels", "views", "dtype", "images_per_shard", "n_images")
 _OWNED = (*_CHECKED, "ssvt_version", "created", "ids", "sources")
-_FINGERPRINT_KEYS = ("backbone", "weights_sha256", "layers", "size", "views")
 _INFO_KEYS = ("weights_sha256", "weights_source", "normalization", "ssvt_schema", "ssvt_version", "created")
 
 
@@ -133,7 +130,7 @@ def _create_arrays(group: zarr.Group, n: int, image_shape: tuple[int, ...], shar
     geometry = group.create_array("geometry", shape=(n, 6), dtype="int32", chunks=(shard, 6), **common)
     geometry.attrs["columns"] = list(GEOMETRY_COLUMNS)
     status = group.create_array("status", shape=(n,), dtype="uint8", chunks=(shard,), **common)
-    status.attrs["codes"] = {str(k): v for k, v in STATUS_CODES.items()}
+    status.attrs["codes"] = {str(int(code)): code.text for code in ImageStatus}
     n_shards = -(-n // shard)
     group.create_array("shard_done", shape=(n_shards,), dtype="uint8", chunks=(1,), **common)
 
@@ -313,10 +310,10 @@ class FeatureStore:
             if not isinstance(arr, np.ndarray) or arr.shape != shape or arr.dtype != dtype:
                 found = f"{arr.dtype}{arr.shape}" if isinstance(arr, np.ndarray) else f"a {type(arr).__name__}"
                 raise StoreError(f"shard {shard}: {name} is {found}, expected {np.dtype(dtype)}{shape}")
-        bad = ~np.isin(status, (STATUS_OK, STATUS_FAILED))
+        bad = ~np.isin(status, (ImageStatus.OK, ImageStatus.FAILED))
         if bad.any():
             raise StoreError(f"shard {shard}: status must be 1 (ok) or 2 (failed), got {status[bad][0]}")
-        failed = status == STATUS_FAILED
+        failed = status == ImageStatus.FAILED
         if tokens[failed].any() or cls[failed].any():
             raise StoreError(f"shard {shard}: images with status 2 (failed) must have all-zero tokens and cls")
         with store_io(f"writing shard {shard} of {self.path}"):
@@ -415,10 +412,8 @@ class FeatureStore:
         return self.n_images * int(np.prod(self._image_shape)) * 2
 
     def label_sets(self) -> list[dict[str, str]]:
-        """Label stores next to this store: files ``<stem>.labels.<name>.h5`` in the same folder."""
-        prefix = f"{self.path.stem}.labels."
-        found = sorted(self.path.parent.glob(f"{prefix}*.h5"))
-        return [{"name": p.name[len(prefix) : -len(".h5")], "path": str(p)} for p in found]
+        """Label sets imported for this store (:func:`pipeline.cache.names.label_set_path`)."""
+        return [{"name": name, "path": str(path)} for name, path in label_set_paths(self.path).items()]
 
     def info(self) -> dict[str, Any]:
         """A summary for `ssvt info`: model, grid, counts, completeness and sizes."""
@@ -428,8 +423,8 @@ class FeatureStore:
         return {
             "path": str(self.path), "backbone": self.backbone, "layers": self.layers, "size": self.size,
             "grid": list(self.grid), "channels": self.channels, "views": self.views, "n_images": self.n_images,
-            "ok": int((status == STATUS_OK).sum()), "failed": int((status == STATUS_FAILED).sum()),
-            "not_written": int((status == STATUS_MISSING).sum()),
+            "ok": int((status == ImageStatus.OK).sum()), "failed": int((status == ImageStatus.FAILED).sum()),
+            "not_written": int((status == ImageStatus.MISSING).sum()),
             "done_shards": int(done.sum()), "n_shards": self.n_shards, "complete": bool(done.all()),
             "images_per_shard": self.images_per_shard,
             "shard_bytes": self.images_per_shard * int(np.prod(self._image_shape)) * 2,
@@ -438,12 +433,11 @@ class FeatureStore:
             "fingerprint": self.fingerprint(), "label_sets": self.label_sets(),
         }  # fmt: skip
 
-    def fingerprint(self) -> str:
-        """SHA-256 (hex) of the store's identity: backbone, weights, layers, size, views and ids.
+    @property
+    def identity(self) -> StoreIdentity:
+        """What the tokens are: backbone, weights, layers, size, grid, channels and views."""
+        return StoreIdentity.from_attrs({**self.attrs, "views": self.views, "grid": self.grid, "channels": self.channels})
 
-        Token bytes are not hashed; two stores of the same inputs share a fingerprint.
-        """
-        identity = {key: self.attrs.get(key) for key in _FINGERPRINT_KEYS}
-        identity["ids"] = self.ids
-        blob = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the store's identity and its image ids (:meth:`StoreIdentity.fingerprint`)."""
+        return self.identity.fingerprint(self.ids)

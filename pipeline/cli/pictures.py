@@ -33,8 +33,8 @@ def _int_list(text: str) -> tuple[int, ...]:
 @app.command("kmeans-viz")
 @errors_as_one_line
 def kmeans_viz_cmd(
-    store: Annotated[
-        Path | None, typer.Option(help="Feature store. Default: the workspace's validation split in the cache.")
+    store_path: Annotated[
+        Path | None, typer.Option("--store", help="Feature store. Default: the workspace's validation split in the cache.")
     ] = None,
     features: FeaturesOpt = None,
     k: Annotated[str, typer.Option("--k", help="Cluster counts, comma-separated (one column each).")] = "2,4,6",
@@ -57,20 +57,20 @@ def kmeans_viz_cmd(
 ) -> None:
     """The shape-prior figure: K-means over each image's patch tokens, no labels needed."""
     from pipeline.cache.store import FeatureStore
-    from pipeline.config import optional_label_source
-    from pipeline.figures.shape_prior import KMeansVizConfig, kmeans_viz
+    from pipeline.config import KMeansVizConfig, optional_label_source
+    from pipeline.figures.shape_prior import kmeans_viz
 
     ws = Workspace.find(config)
-    if store is None:
+    if store_path is None:
         if ws is None:
             raise ConfigError("no store: pass --store PATH.zarr or run where an ssvt.toml is")
-        store = ws.find_store(ws.val_split or ws.train_split, features)
+        store_path = ws.layout.find_store(ws.val_split or ws.train_split, features)
     gt_source = optional_label_source(gt, ws)
     cfg = KMeansVizConfig(ks=_int_list(k), ids=tuple(i.strip() for i in ids.split(",")) if ids else None, n=n, seed=seed,
                           joint=joint, normalize=normalize, pca=pca, num_classes=ws.num_classes if ws else 21)  # fmt: skip
     with progress_bar() as bar:
         task = bar.add_task("k-means", total=len(cfg.ids) if cfg.ids else n)
-        result = kmeans_viz(FeatureStore.open(store), out, cfg, gt=gt_source, progress=lambda d: bar.advance(task, d))
+        result = kmeans_viz(FeatureStore.open(store_path), out, cfg, gt=gt_source, progress=lambda d: bar.advance(task, d))
     if result.mean_scores:
         table = Table("K", "cluster mIoU % (Hungarian, per-image mean)", title="shape in the features", title_justify="left")
         for kk, score in result.mean_scores.items():
@@ -79,9 +79,9 @@ def kmeans_viz_cmd(
     console.print(f"figure: {result.figures[0]} and {result.figures[1]}; maps and centroids in {result.out_dir}")
 
 
-@app.command()
+@app.command("demo")
 @errors_as_one_line
-def demo(
+def demo_cmd(
     out: Annotated[Path, typer.Argument(help="Folder for the demo's data, caches, runs and figures.")] = Path("ssvt-demo"),
     quick: Annotated[bool, typer.Option(help="A smaller, faster tour (fewer images, steps and label sets).")] = False,
 ) -> None:
@@ -90,7 +90,8 @@ def demo(
     Toy dataset -> DINOv2 features -> a head per label type -> mIoU table and the K-means figure."""
     from dataclasses import replace
 
-    from pipeline.toy.demo import DemoConfig, run_demo
+    from pipeline.config import DemoConfig
+    from pipeline.toy.demo import run_demo
 
     cfg = DemoConfig()
     if quick:

@@ -20,8 +20,9 @@ from pipeline.cli._common import (
     kv_table,
     progress_bar,
 )  # fmt: skip
-from pipeline.config import INIT_TEMPLATE, WORKSPACE_FILE, ExtractConfig, Workspace
+from pipeline.config import WORKSPACE_FILE, ExtractConfig, Workspace
 from pipeline.errors import ConfigError
+from pipeline.templates import INIT_TEMPLATE
 
 # ---------------------------------------------------------------- workspace and toy data
 
@@ -61,9 +62,9 @@ def make_toy_cmd(
 # ---------------------------------------------------------------- stage one
 
 
-@app.command()
+@app.command("extract")
 @errors_as_one_line
-def extract(
+def extract_cmd(
     model: Annotated[
         str, typer.Option(help="Backbone: a DINOv2 hub name (dinov2_vits14 ... dinov2_vitg14_reg); `ssvt models` lists them.")
     ] = "dinov2_vitl14",
@@ -114,8 +115,7 @@ def extract(
     """Run a frozen DINOv2 once over a dataset and cache its patch tokens in a sharded zarr store.
 
     Rerunning the same command after a crash finishes the missing shards only."""
-    from pipeline.features.extract import extract as run_extract
-    from pipeline.features.extract import load_backbone, plan_extract
+    from pipeline.features.extract import extract, load_backbone, plan_extract
 
     cfg = ExtractConfig(
         model=model, size=size, layers=layers, flip=flip, weights=str(weights) if weights else None,
@@ -128,7 +128,7 @@ def extract(
     for split_name, items, store_path in targets:
         with progress_bar() as bar:
             task = bar.add_task(f"extract {split_name}", total=None)
-            summary = run_extract(
+            summary = extract(
                 items, store_path, cfg, overwrite=overwrite, backbone=backbone,
                 progress=functools.partial(_update_task, bar, task),
             )  # fmt: skip
@@ -149,16 +149,16 @@ def _print_extract_summary(split: str, s: Any) -> None:
 
 @app.command()
 @errors_as_one_line
-def info(store: Annotated[Path, typer.Argument(help="A feature store (.zarr folder).")]) -> None:
+def info(store_path: Annotated[Path, typer.Argument(metavar="STORE", help="A feature store (.zarr folder).")]) -> None:
     """Describe a feature store: model, grid, views, images, completeness, size on disk, label sets."""
     from pipeline.cache.store import FeatureStore
 
-    fs = FeatureStore.open(store)
-    i = fs.info()
+    store = FeatureStore.open(store_path)
+    i = store.info()
     gib = 2**30
     rows = [
         ("backbone", i["backbone"]),
-        ("weights", f"{str(fs.attrs.get('weights_sha256', ''))[:12]}… ({fs.attrs.get('weights_source', '?')})"),
+        ("weights", f"{str(store.attrs.get('weights_sha256', ''))[:12]}… ({store.attrs.get('weights_source', '?')})"),
         ("layers", ", ".join(map(str, i["layers"]))),
         ("canvas / grid", f"{i['size']} px / {i['grid'][0]} x {i['grid'][1]} tokens"),
         ("channels", i["channels"]), ("views", ", ".join(i["views"])),
@@ -169,19 +169,19 @@ def info(store: Annotated[Path, typer.Argument(help="A feature store (.zarr fold
         ("label sets", ", ".join(ls["name"] for ls in i["label_sets"]) or "none imported yet"),
         ("fingerprint", i["fingerprint"]),
     ]  # fmt: skip
-    console.print(kv_table(str(store), rows))
+    console.print(kv_table(str(store_path), rows))
     if i["label_sets"]:
         _print_label_sets([Path(ls["path"]) for ls in i["label_sets"]])
 
 
 def _print_label_sets(paths: list[Path]) -> None:
-    from pipeline.cache.labels import LabelStore
+    from pipeline.cache.labels import LabelSet
     from pipeline.cache.voc import CLASS_NAMES
 
     table = Table("set", "kind", "images", "pixels", "dropped", "top classes", title_justify="left",
                   title="imported label sets (labelled images, labelled pixel fraction, out-of-image clicks/points)")  # fmt: skip
     for path in paths:
-        a = LabelStore.open(path).attrs
+        a = LabelSet.open(path).attrs
         hist = a["class_histogram"]
         top = sorted(range(1, len(hist)), key=lambda c: -hist[c])[:3]  # foreground classes
         names = [CLASS_NAMES[c] if len(hist) == len(CLASS_NAMES) else str(c) for c in top if hist[c]]

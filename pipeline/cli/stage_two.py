@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-
-# ---------------------------------------------------------------- stage two
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,6 +11,8 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from pipeline.cache.label_kinds import LABEL_KINDS, kinds_help
+from pipeline.cache.names import RunFiles
 from pipeline.cli._common import (
     ConfigOpt,
     DeviceOpt,
@@ -26,6 +26,7 @@ from pipeline.cli._common import (
     progress_bar,
 )  # fmt: skip
 from pipeline.config import Workspace
+from pipeline.heads import DEFAULT_HEAD, HEADS, heads_help
 
 
 class Schedule(StrEnum):
@@ -37,18 +38,19 @@ class Schedule(StrEnum):
 @errors_as_one_line
 def train_head_cmd(
     labels: Annotated[
-        str, typer.Option(help="Label set: a name from ssvt.toml [labels.*] (gt, scribble, point, seam, eps, vl) or a path.")
+        str, typer.Option(help="Label source: a name from ssvt.toml [labels.*] (gt, scribble, point, seam, eps, vl) or a path.")
     ],
-    head: Annotated[str, typer.Option(help="Head: linear, bn-linear (the DINOv2 protocol), mlp or conv.")] = "bn-linear",
+    head: Annotated[str, typer.Option(help=f"Head, one of {', '.join(HEADS)}. {heads_help()}.")] = DEFAULT_HEAD,
     label_kind: Annotated[
-        str | None, typer.Option(help="Kind of a label set given as a path (mask, scribble-xml, points-json, ...).")
+        str | None,
+        typer.Option(help=f"Kind of a label source given as a path, one of {', '.join(LABEL_KINDS)}. {kinds_help()}."),
     ] = None,
-    store: Annotated[
-        Path | None, typer.Option(help="Training feature store. Default: the workspace's train split in the cache.")
+    store_path: Annotated[
+        Path | None, typer.Option("--store", help="Training feature store. Default: the workspace's train split in the cache.")
     ] = None,
-    val_store: Annotated[
+    val_store_path: Annotated[
         Path | None,
-        typer.Option(help="Validation store (evaluated at the end). Default: the val split next to the training store."),
+        typer.Option("--val-store", help="Validation store, evaluated at the end. Default: the val split beside --store."),
     ] = None,
     gt: Annotated[str, typer.Option(help="Ground truth for the final evaluation: a label-set name or a mask folder.")] = "gt",
     features: FeaturesOpt = None,
@@ -76,12 +78,12 @@ def train_head_cmd(
     from pipeline.config import TrainConfig, label_source, optional_label_source
     from pipeline.training.runs import train_and_evaluate
 
-    ws = Workspace.find(config)
     cfg = TrainConfig(
         labels=labels, head=head, epochs=epochs, min_steps=min_steps, batch_size=batch_size, lr=lr,
         weight_decay=weight_decay, warmup=warmup,
         schedule=schedule.value, pixels_per_image=pixels_per_image, flip=flip, seed=seed, device=device,
     )  # fmt: skip
+    ws = Workspace.find(config)
     source = label_source(labels, ws, label_kind)
     gt_source = optional_label_source(gt, ws)
     with progress_bar("step/s") as bar:
@@ -94,8 +96,8 @@ def train_head_cmd(
                 tasks[stage], completed=done, total=total, description=stage if loss is None else f"{stage} loss {loss:.3f}"
             )
 
-        outcome = train_and_evaluate(cfg, source, ws, store=store, val_store=val_store, gt=gt_source, features=features,
-                                     out=out, strict=strict, progress=report)  # fmt: skip
+        outcome = train_and_evaluate(cfg, source, ws, store_path=store_path, val_store_path=val_store_path, gt=gt_source,
+                                     features=features, out=out, strict=strict, progress=report)  # fmt: skip
     _print_run(outcome)
 
 
@@ -125,12 +127,13 @@ def _print_eval(result: Any) -> None:
         err_console.print(Text(f"{len(result.skipped)} images without ground truth or features were skipped", style="yellow"))
 
 
-@app.command()
+@app.command("evaluate")
 @errors_as_one_line
-def evaluate(
+def evaluate_cmd(
     run: Annotated[Path, typer.Argument(help="A train-head run folder.")],
-    store: Annotated[
-        Path | None, typer.Option(help="Validation feature store. Default: the val split next to the run's training store.")
+    store_path: Annotated[
+        Path | None,
+        typer.Option("--store", help="Validation feature store. Default: the val split next to the run's training store."),
     ] = None,
     gt: Annotated[str, typer.Option(help="Ground truth: a label-set name from ssvt.toml or a mask folder.")] = "gt",
     flip_tta: Annotated[bool, typer.Option(help="Average with the cached flipped view (needs extract --flip).")] = False,
@@ -142,16 +145,18 @@ def evaluate(
 ) -> None:
     """Score a trained head as papers do: one confusion matrix over the split at original resolution."""
     from pipeline.config import label_source
-    from pipeline.training.runs import evaluate_existing
+    from pipeline.training.evaluate import evaluate
 
     ws = Workspace.find(config)
+    gt_source = label_source(gt, ws)
+    val_split = ws.val_split if ws and ws.val_split else "val"
     with progress_bar() as bar:
         task = bar.add_task("evaluate", total=None)
-        result = evaluate_existing(run, label_source(gt, ws), ws, store=store, flip_tta=flip_tta,
-                                   save_predictions=save_predictions, device=device,
-                                   progress=functools.partial(_update_task, bar, task))  # fmt: skip
+        result = evaluate(run, gt_source, store_path=store_path, val_split=val_split, flip_tta=flip_tta,
+                          save_predictions=save_predictions, device=device,
+                          progress=functools.partial(_update_task, bar, task))  # fmt: skip
     _print_eval(result)
+    files = RunFiles(run)
     console.print(
-        f"wrote {run / 'metrics.json'}, {run / 'confusion.png'}"
-        + (f", predictions in {save_predictions}" if save_predictions else "")
+        f"wrote {files.metrics}, {files.confusion_figure}" + (f", predictions in {save_predictions}" if save_predictions else "")
     )

@@ -3,7 +3,8 @@
 Usage::
 
     items = find_images("VOCdevkit/VOC2012", split="val")
-    summary = extract(items, "cache/dinov2_vitl14-448-last/val.zarr", ExtractConfig(model="dinov2_vitl14"))
+    cfg = ExtractConfig(model="dinov2_vitl14")
+    summary = extract(items, store_path(cfg, workspace.layout, "val"), cfg)   # cache/dinov2_vitl14-448-last/val.zarr
 
 Decoding and resizing run in DataLoader workers, inference under ``torch.inference_mode`` (bf16/fp16
 autocast on CUDA, fp32 on CPU), and finished shards are written by a background thread, so the
@@ -13,7 +14,6 @@ never straddle shards, so a resumed store is identical to an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
@@ -27,18 +27,18 @@ import numpy as np
 import torch
 
 from pipeline import __version__
+from pipeline.cache.names import CacheLayout, ImageStatus, StoreIdentity, cache_name, legacy_cache_name
 from pipeline.cache.store import FeatureStore, default_images_per_shard
 from pipeline.config import WORKSPACE_FILE, ExtractConfig, Workspace
+from pipeline.devices import autocast, pick_device, pin_memory
 from pipeline.errors import ConfigError, DataError, StoreMismatchError
-from pipeline.features.backbones import Backbone, build_backbone, resolve_layers, resolve_weights
+from pipeline.features.backbones import Backbone, build_backbone, get_spec, resolve_layers, resolve_weights
 from pipeline.features.data import CanvasDataset, ImageItem, find_images
 
 log = logging.getLogger(__name__)
 
 #: Called with (images done so far, images to do in this run).
 Progress = Callable[[int, int], None]
-
-STATUS_OK, STATUS_FAILED = 1, 2
 
 
 @dataclass
@@ -69,7 +69,7 @@ def plan_extract(
     out: Path | None = None,
 ) -> list[tuple[str, list[ImageItem], Path]]:
     """(name, images, store path) for each store to write: ``data`` or the workspace's dataset, each
-    of ``splits`` (default: the workspace's), into ``out`` or ``<cache>/<cache_name>/<split>.zarr``."""
+    of ``splits`` (default: the workspace's), into ``out`` or :func:`store_path`."""
     if data is None and ws is None:
         raise ConfigError(f"no dataset: pass --data PATH or run where a {WORKSPACE_FILE} is (see `ssvt init`)")
     root = data if data is not None else ws.data_root  # type: ignore[union-attr]
@@ -77,35 +77,29 @@ def plan_extract(
     names: list[str | None] = list(splits) if splits else (list(ws.splits) if ws and data is None else [None])
     if out is not None and len(names) > 1:
         raise ConfigError(f"--out names one store but {len(names)} splits are selected; add --split")
+    if out is None and ws is None:
+        raise ConfigError("no workspace to name the store after: pass --out STORE.zarr")
     targets = []
     for name in names:
         label = name or Path(root).stem
-        if out is None and ws is None:
-            raise ConfigError("no workspace to name the store after: pass --out STORE.zarr")
-        path = out if out is not None else ws.store_path(cfg, label)  # type: ignore[union-attr]
+        path = out if out is not None else store_path(cfg, ws.layout, label)  # type: ignore[union-attr]
         targets.append((label, find_images(root, name, fmt), path))
     return targets
 
 
-def pick_device(spec: str) -> torch.device:
-    """ "auto" -> the first CUDA device when there is one, else the CPU; "cpu", "cuda", "cuda:1" as given."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise ConfigError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {spec} asked for, but torch sees no CUDA GPU (torch {torch.__version__}); use --device cpu")
-    return device
+def resolved_layers(cfg: ExtractConfig) -> tuple[tuple[int, ...], int]:
+    """The block indices ``cfg.layers`` names on ``cfg.model`` (with its overrides), and the depth."""
+    depth = int(cfg.overrides.get("num_hidden_layers", get_spec(cfg.model).depth))
+    return resolve_layers(cfg.layers, depth), depth
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on CUDA GPUs that support it, fp16 on older ones, plain fp32 on the CPU."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+def store_path(cfg: ExtractConfig, layout: CacheLayout, split: str) -> Path:
+    """Where ``cfg``'s store of ``split`` goes: ``<cache>/<model>-<size>-<layers>/<split>.zarr``, named
+    from the resolved layers (so ``last4`` and ``20,21,22,23`` share one cache on ViT-L); a store
+    written by ssvt 0.1 under the layers as typed is still found."""
+    layers, depth = resolved_layers(cfg)
+    name = cache_name(cfg.model, cfg.size, layers, depth, cfg.random_init)
+    return layout.store_path(name, split, legacy_name=legacy_cache_name(cfg.model, cfg.size, cfg.layers, cfg.random_init))
 
 
 def load_backbone(cfg: ExtractConfig) -> Backbone:
@@ -131,26 +125,14 @@ def store_attrs(cfg: ExtractConfig, backbone: Backbone, layers: tuple[int, ...])
     }
 
 
-IDENTITY_KEYS = ("backbone", "weights_sha256", "layers", "size", "views", "grid", "channels")
-
-
-def differences(store: FeatureStore, wanted: dict[str, Any], ids: list[str]) -> list[str]:
+def differences(store: FeatureStore, wanted: StoreIdentity, ids: list[str], images_per_shard: int | None) -> list[str]:
     """Human-readable differences between an existing store and what this run would write."""
-    have = dict(store.attrs, views=store.views, grid=list(store.grid), channels=store.channels)
-    diffs = [
-        f"{key}: store has {have.get(key)!r}, this run has {wanted[key]!r}"
-        for key in IDENTITY_KEYS
-        if _norm(have.get(key)) != _norm(wanted[key])
-    ]
+    diffs = store.identity.differences(wanted, ours="store has", theirs="this run has")
     if list(store.ids) != list(ids):
         diffs.append(f"images: store has {store.n_images} ids, this run has {len(ids)} (or another order)")
-    if wanted.get("images_per_shard") is not None and wanted["images_per_shard"] != store.images_per_shard:
-        diffs.append(f"images_per_shard: store has {store.images_per_shard}, this run has {wanted['images_per_shard']}")
+    if images_per_shard is not None and images_per_shard != store.images_per_shard:
+        diffs.append(f"images_per_shard: store has {store.images_per_shard}, this run has {images_per_shard}")
     return diffs
-
-
-def _norm(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
 
 
 def open_or_create(path: Path, items: list[ImageItem], cfg: ExtractConfig, backbone: Backbone, overwrite: bool) -> FeatureStore:
@@ -165,8 +147,8 @@ def open_or_create(path: Path, items: list[ImageItem], cfg: ExtractConfig, backb
             FeatureStore.remove(path)
         else:
             store = FeatureStore.open(path, mode="r+")
-            wanted = dict(attrs, views=list(cfg.views), grid=list(grid), channels=channels, images_per_shard=cfg.images_per_shard)
-            diffs = differences(store, wanted, ids)
+            wanted = StoreIdentity.from_attrs({**attrs, "views": cfg.views, "grid": grid, "channels": channels})
+            diffs = differences(store, wanted, ids, cfg.images_per_shard)
             if diffs:
                 raise StoreMismatchError(
                     f"{path} was made with other settings ({'; '.join(diffs)}); "
@@ -300,7 +282,7 @@ def extract(
     forward = Forward(backbone, layers, device, cfg.flip, cfg.batch_size)
     dataset = CanvasDataset(items, cfg.size, backbone.mean, backbone.std)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+        dataset, batch_sampler=batches, num_workers=cfg.workers, pin_memory=pin_memory(device),
         prefetch_factor=4 if cfg.workers else None,
     )  # fmt: skip
     writer = ShardWriter(store)
@@ -333,10 +315,10 @@ def _fill_shards(
                 if strict:
                     raise DataError(f"{errors[j]} (--strict stops at the first bad image)")
                 summary.failed.append((str(store.sources[index]) if store.sources else store.ids[index], errors[j]))
-                buffer.status[row] = STATUS_FAILED
+                buffer.status[row] = ImageStatus.FAILED
             else:
                 buffer.tokens[row], buffer.cls[row] = tokens[j], cls[j]
-                buffer.geometry[row], buffer.status[row] = geometry[j].numpy(), STATUS_OK
+                buffer.geometry[row], buffer.status[row] = geometry[j].numpy(), ImageStatus.OK
             buffer.filled += 1
             summary.images_done += 1
             if buffer.full:

@@ -23,6 +23,7 @@ from matplotlib.patches import Patch
 
 from pipeline.cache.geometry import IGNORE
 from pipeline.cache.voc import CLASS_NAMES, palette
+from pipeline.config import DPI
 from pipeline.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,6 @@ logger = logging.getLogger(__name__)
 PANEL_IN = 2.0
 TITLE_IN = 0.4
 LEGEND_IN = 1.4
-DPI = 150
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,13 @@ import numpy as np
 from PIL import Image
 
 from pipeline import __version__
-from pipeline.cache import label_readers as readers
-from pipeline.cache.geometry import Geometry
-from pipeline.cache.store import STATUS_CODES, STATUS_OK, FeatureStore
+from pipeline.cache.geometry import IGNORE, Geometry
+from pipeline.cache.label_kinds import LabelSource
+from pipeline.cache.label_readers import find_mask
+from pipeline.cache.names import ImageStatus
+from pipeline.cache.store import FeatureStore
 from pipeline.cache.voc import CLASS_NAMES
-from pipeline.config import LabelSource, _Dict
+from pipeline.config import KMeansVizConfig
 from pipeline.errors import ConfigError, DataError, LabelError, StoreError
 from pipeline.features.data import load_rgb
 from pipeline.figures.kmeans import (
@@ -44,68 +46,15 @@ from pipeline.figures.kmeans import (
     pca_to_original,
     to_original,
 )
-from pipeline.figures.plots import DPI, FigureRow, cluster_colors, kmeans_figure
+from pipeline.figures.plots import FigureRow, cluster_colors, kmeans_figure
 
 logger = logging.getLogger(__name__)
 
 #: Views of the store whose tokens come from the horizontally mirrored canvas (see ExtractConfig.views).
 FLIPPED_VIEWS = ("hflip",)
 #: Index of "no cluster" (padding) in the palette PNG maps.
-PNG_NONE = 255
+PNG_NONE = IGNORE
 FIGURE_STEM = "kmeans"
-
-
-@dataclass(frozen=True)
-class KMeansVizConfig(_Dict):
-    """Settings of one ``ssvt kmeans-viz`` run.
-
-    ``ids`` picks the images (in that order); otherwise ``n`` images are drawn at random with ``seed``
-    among the extracted ones (and, with ground truth, among those that have a mask), shown in store
-    order. ``seed`` also seeds K-means. ``normalize`` L2-normalises tokens before clustering; ``joint``
-    fits one K-means over all chosen images. ``view`` is the store view (0 = original canvas; a
-    mirrored view is mirrored back). ``num_classes`` is for scoring; ``dpi`` for the PNG figure.
-    """
-
-    ks: tuple[int, ...] = (2, 4, 6)
-    ids: tuple[str, ...] | None = None
-    n: int = 4
-    seed: int = 0
-    joint: bool = False
-    normalize: bool = True
-    pca: bool = True
-    view: int = 0
-    n_init: int = 4
-    num_classes: int = 21
-    dpi: int = DPI
-
-    def __post_init__(self) -> None:
-        # Lists arrive from JSON (from_dict) and from the CLI; store tuples so the config stays hashable.
-        object.__setattr__(self, "ks", tuple(self.ks))
-        if self.ids is not None:
-            object.__setattr__(self, "ids", tuple(self.ids))
-        if not self.ks:
-            raise ConfigError("ks must name at least one number of clusters, e.g. 2,4,6")
-        bad = [k for k in self.ks if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < PNG_NONE]
-        if bad:
-            raise ConfigError(f"every K must be an integer in [1, {PNG_NONE - 1}], got {bad}")
-        if len(set(self.ks)) != len(self.ks):
-            raise ConfigError(f"ks repeats a value: {list(self.ks)}")
-        if self.ids is not None:
-            if not self.ids:
-                raise ConfigError("ids is empty; leave it out to draw n random images")
-            dupes = sorted({i for i in self.ids if self.ids.count(i) > 1})
-            if dupes:
-                raise ConfigError(f"ids repeat: {dupes[:5]}")
-        if self.n < 1:
-            raise ConfigError(f"n must be at least 1, got {self.n}")
-        if self.view < 0:
-            raise ConfigError(f"view must be 0 or more, got {self.view}")
-        if self.n_init < 1:
-            raise ConfigError(f"n_init must be at least 1, got {self.n_init}")
-        if self.num_classes < 1:
-            raise ConfigError(f"num_classes must be at least 1, got {self.num_classes}")
-        if not 10 <= self.dpi <= 1200:
-            raise ConfigError(f"dpi must be between 10 and 1200, got {self.dpi}")
 
 
 @dataclass(frozen=True)
@@ -126,8 +75,8 @@ class KMeansVizResult:
 
 
 def _check_gt(gt: LabelSource | None) -> None:
-    if gt is not None and gt.kind not in ("mask", "rgb-mask"):
-        raise ConfigError(f"label source {gt.name!r} has kind {gt.kind!r}; the K-means figure needs dense masks (kind mask)")
+    if gt is not None:
+        gt.require_dense("the K-means figure")
 
 
 def choose_images(store: FeatureStore, cfg: KMeansVizConfig, gt: LabelSource | None = None) -> list[int]:
@@ -144,13 +93,13 @@ def choose_images(store: FeatureStore, cfg: KMeansVizConfig, gt: LabelSource | N
                 f"({store.n_images} in all)"
             )
         chosen = [index[i] for i in cfg.ids]
-        not_ok = [(store.ids[i], STATUS_CODES.get(int(status[i]), str(status[i]))) for i in chosen if status[i] != STATUS_OK]
+        not_ok = [(store.ids[i], ImageStatus(int(status[i])).text) for i in chosen if status[i] != ImageStatus.OK]
         if not_ok:
             raise ConfigError(f"images without features in {store.path}: {not_ok[:5]}; run `ssvt extract` to finish the store")
         return chosen
-    candidates = [int(i) for i in np.flatnonzero(status == STATUS_OK)]
+    candidates = [int(i) for i in np.flatnonzero(status == ImageStatus.OK)]
     if gt is not None:
-        candidates = [i for i in candidates if readers.find_mask(gt.path, store.ids[i]) is not None]
+        candidates = [i for i in candidates if find_mask(gt.path, store.ids[i]) is not None]
     if not candidates:
         where = f" with a mask in {gt.path}" if gt is not None else ""
         raise StoreError(f"{store.path} has no extracted image{where} to draw; run `ssvt extract` or check the ids")
@@ -184,15 +133,12 @@ def _image(store: FeatureStore, index: int, geom: Geometry) -> np.ndarray:
     return image
 
 
-def _mask(gt: LabelSource, image_id: str, geom: Geometry) -> np.ndarray:
+def _mask(gt: LabelSource, image_id: str, geom: Geometry, num_classes: int) -> np.ndarray:
     """(H, W) uint8 ground truth of ``image_id``, 255 = void, at the original resolution."""
-    path = readers.find_mask(gt.path, image_id)
-    if path is None:
+    found = gt.reader(num_classes).original(image_id, geom)
+    if found is None:
         raise LabelError(f"no mask for image {image_id} in {gt.path} (label source {gt.name!r})")
-    mask = readers.read_mask(path)
-    if mask.shape != (geom.height, geom.width):
-        raise LabelError(f"{path} is {mask.shape[1]}x{mask.shape[0]} but its image is {geom.width}x{geom.height}")
-    return mask
+    return found[1]
 
 
 def _cluster(tokens: Sequence[np.ndarray], geoms: Sequence[Geometry], cfg: KMeansVizConfig) -> dict[int, list[ClusterResult]]:
@@ -294,7 +240,7 @@ def _load(store: FeatureStore, chosen: Sequence[int], cfg: KMeansVizConfig, gt: 
         data.tokens.append(_tokens(store, index, cfg.view))
         data.images.append(_image(store, index, geom))
         if gt is not None:
-            data.masks.append(_mask(gt, image_id, geom))
+            data.masks.append(_mask(gt, image_id, geom, cfg.num_classes))
     return data
 
 

@@ -26,8 +26,8 @@ from scipy import ndimage
 
 from pipeline.cache.geometry import IGNORE
 from pipeline.cache.voc import CLASS_NAMES, NUM_CLASSES, SCRIBBLE_TAGS, palette
-from pipeline.config import TOY_WORKSPACE
 from pipeline.errors import ConfigError
+from pipeline.templates import TOY_WORKSPACE
 from pipeline.training.metrics import ConfusionMatrix
 
 log = logging.getLogger(__name__)

@@ -10,44 +10,23 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.cache.store import FeatureStore
-from pipeline.config import ExtractConfig, TrainConfig, Workspace
+from pipeline.config import DemoConfig, ExtractConfig, KMeansVizConfig, Workspace
 from pipeline.errors import WeightsNotFoundError
 from pipeline.features.backbones import resolve_weights
 from pipeline.features.data import find_images
-from pipeline.features.extract import extract
-from pipeline.figures.shape_prior import KMeansVizConfig, KMeansVizResult, kmeans_viz
+from pipeline.features.extract import extract, store_path
+from pipeline.figures.shape_prior import KMeansVizResult, kmeans_viz
 from pipeline.toy.dataset import make_toy
 from pipeline.training.runs import RunOutcome, train_and_evaluate
 
 log = logging.getLogger(__name__)
 
-#: Label sets compared by the demo, in table order (names of the toy workspace).
-DEMO_LABELS = ("gt", "scribble", "point", "eps", "seam", "vl")
-
 #: Called with (stage, done, total, loss or None), like :data:`pipeline.training.runs.StageProgress`.
 DemoProgress = Callable[[str, int, int, float | None], None]
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """Sizes of the tour. The defaults take about a minute on 2 quiet CPU cores (ViT-S/14 at 224)."""
-
-    n_train: int = 96
-    n_val: int = 32
-    model: str = "dinov2_vits14"
-    size: int = 224
-    labels: tuple[str, ...] = DEMO_LABELS
-    # A higher learning rate and fewer steps than the DINOv2 protocol, and dense labels trained on a
-    # random 1,024 pixels per image: the full-resolution loss dominates head training on a CPU.
-    train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(lr=1e-2, epochs=1, min_steps=200, batch_size=16, pixels_per_image=1024)
-    )
-    kmeans_images: int = 4
-    seed: int = 0
 
 
 @dataclass
@@ -79,15 +58,15 @@ def run_demo(out: Path, cfg: DemoConfig | None = None, *, progress: DemoProgress
                          workers=min(2, os.cpu_count() or 1), seed=cfg.seed)  # fmt: skip
     for split in (ws.train_split, ws.val_split):
         assert split is not None
-        extract(find_images(ws.data_root, split, ws.data_format), ws.store_path(ecfg, split), ecfg,
+        extract(find_images(ws.data_root, split, ws.data_format), store_path(ecfg, ws.layout, split), ecfg,
                 overwrite=True, progress=_stage(f"extract {split}", report))  # fmt: skip
     runs = []
     for name in cfg.labels:
         tcfg = replace(cfg.train, labels=name, seed=cfg.seed)
-        runs.append(train_and_evaluate(tcfg, ws.label_source(name), ws, gt=ws.labels["gt"], out=ws.runs_dir / name,
+        runs.append(train_and_evaluate(tcfg, ws.label_source(name), ws, gt=ws.labels["gt"], out=ws.layout.run_dir(name),
                                        progress=_prefixed(name, report)))  # fmt: skip
     assert ws.val_split is not None
-    val = FeatureStore.open(ws.store_path(ecfg, ws.val_split))
+    val = FeatureStore.open(store_path(ecfg, ws.layout, ws.val_split))
     kcfg = KMeansVizConfig(ks=(2, 4, 6), n=cfg.kmeans_images, seed=cfg.seed, num_classes=ws.num_classes)
     figure = kmeans_viz(val, out / "kmeans", kcfg, gt=ws.labels["gt"],
                         progress=_counter("k-means figure", cfg.kmeans_images, report))  # fmt: skip

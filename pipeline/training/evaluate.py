@@ -2,8 +2,9 @@
 
 Usage::
 
-    result = evaluate_run(Path("runs/eps-bn-linear"), FeatureStore.open("cache/.../val.zarr"), gt_source)
-    result.miou, result.per_class_iou
+    result = evaluate("runs/eps-bn-linear", ws.labels["gt"], workspace=ws)   # the val split beside its training store
+    result.miou, result.per_class_iou                                        # metrics.json and confusion.png written
+    score_head(head, FeatureStore.open(store_path), gt)                        # a head in memory, nothing written
 
 For each image the head's patch logits are upsampled to the canvas, the padding is removed and they
 are resized to the original H x W (bilinear), then compared with the ground-truth mask read from its
@@ -25,12 +26,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from pipeline.cache import label_readers as readers
+from pipeline.cache.label_kinds import LabelSource
+from pipeline.cache.names import ImageStatus, RunFiles, StrPath, identity_differences, sibling_store
 from pipeline.cache.store import FeatureStore
 from pipeline.cache.voc import CLASS_NAMES, palette
-from pipeline.config import LabelSource
+from pipeline.devices import pick_device
 from pipeline.errors import ConfigError, LabelError, StoreError, StoreMismatchError
-from pipeline.features.extract import pick_device
 from pipeline.heads import SegHead, head_from_config
 from pipeline.resample import canvas_to_original
 from pipeline.training.metrics import ConfusionMatrix
@@ -54,13 +55,14 @@ def class_names(num_classes: int) -> list[str]:
     return list(CLASS_NAMES) if num_classes == len(CLASS_NAMES) else [f"class_{i}" for i in range(num_classes)]
 
 
-def load_run(run_dir: Path) -> tuple[SegHead, dict[str, Any]]:
+def load_run(run_dir: StrPath) -> tuple[SegHead, dict[str, Any]]:
     """The head and config of a ``train-head`` run folder."""
+    files = RunFiles(run_dir)
     try:
-        config = json.loads((run_dir / "config.json").read_text())
-        state = load_file(str(run_dir / "head.safetensors"))
+        config = json.loads(files.config.read_text())
+        state = load_file(str(files.head))
     except FileNotFoundError as exc:
-        raise StoreError(f"{run_dir} is not a complete train-head run ({Path(exc.filename).name} missing)") from None
+        raise StoreError(f"{files.dir} is not a complete train-head run ({Path(exc.filename).name} missing)") from None
     head = head_from_config(config["head"])
     head.load_state_dict(state, strict=True)
     return head.eval(), config
@@ -68,15 +70,14 @@ def load_run(run_dir: Path) -> tuple[SegHead, dict[str, Any]]:
 
 def check_compatible(config: dict[str, Any], store: FeatureStore) -> None:
     """Refuse a store made with another backbone, weights, layers or geometry than the run's."""
-    from pipeline.training.train import store_identity
-
-    trained, here = config["store"]["identity"], store_identity(store)
-    diffs = [f"{k}: run has {trained[k]!r}, store has {here[k]!r}" for k in trained if trained[k] != here.get(k)]
+    trained = config["store"]["identity"]
+    here = store.identity.for_heads()
+    diffs = identity_differences(trained, here, ours="run has", theirs="store has")
     if diffs:
         raise StoreMismatchError(f"{store.path} does not match the features the head was trained on ({'; '.join(diffs)})")
 
 
-def evaluate(
+def score_head(
     head: SegHead,
     store: FeatureStore,
     gt: LabelSource,
@@ -87,8 +88,8 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
     """mIoU of ``head`` on ``store``'s images against the original-resolution masks of ``gt``."""
-    if gt.kind not in ("mask", "rgb-mask"):
-        raise ConfigError(f"ground truth {gt.name!r} has kind {gt.kind!r}; evaluation needs dense masks (kind mask)")
+    gt.require_dense("evaluation")
+    reader = gt.reader(head.num_classes)
     if flip_tta and store.n_views < 2:
         raise ConfigError(f"{store.path} has no flipped view: extract with --flip to use flip test-time augmentation")
     k = head.num_classes
@@ -107,16 +108,12 @@ def evaluate(
                 logits = (logits + head(flipped).float().flip(-1)) / 2
         for j, index in enumerate(range(start, stop)):
             image_id = store.ids[index]
-            mask_path = readers.find_mask(gt.path, image_id)
-            if status[index] != 1 or mask_path is None:
+            found = reader.original(image_id, geoms[index]) if status[index] == ImageStatus.OK else None
+            if found is None:
                 skipped.append(image_id)
                 continue
-            target = readers.read_mask(mask_path)
+            mask_path, target = found
             pred = canvas_to_original(logits[j], geoms[index]).argmax(0)
-            if tuple(pred.shape) != target.shape:
-                raise LabelError(
-                    f"{mask_path} is {target.shape[1]}x{target.shape[0]} but its image is {pred.shape[1]}x{pred.shape[0]}"
-                )
             bad = np.unique(target[(target >= k) & (target != 255)])
             if bad.size:
                 raise LabelError(
@@ -145,16 +142,32 @@ def _save_palette_png(pred: np.ndarray, path: Path) -> None:
     img.save(path)
 
 
-def evaluate_run(run_dir: Path, store: FeatureStore, gt: LabelSource, **kwargs: Any) -> EvalResult:
-    """Evaluate a run folder's head and write metrics.json, confusion.npy and confusion.png into it."""
+def evaluate(
+    run_dir: StrPath,
+    gt: LabelSource,
+    *,
+    store_path: StrPath | None = None,
+    val_split: str = "val",
+    flip_tta: bool = False,
+    save_predictions: Path | None = None,
+    device: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    """Evaluate a run folder's head on ``store_path`` (default: split ``val_split`` beside the store it
+    was trained on) and write metrics.json, confusion.npy and confusion.png into the run folder."""
     from pipeline.figures.plots import confusion_figure
 
-    head, config = load_run(run_dir)
+    files = RunFiles(run_dir)
+    if not files.is_run():
+        raise ConfigError(f"{files.dir} is not a train-head run folder (no {files.config.name})")
+    head, config = load_run(files.dir)
+    if store_path is None:
+        store_path = sibling_store(config["store"]["path"], val_split)
+    store = FeatureStore.open(store_path)
     check_compatible(config, store)
-    result = evaluate(head, store, gt, **kwargs)
-    names = class_names(head.num_classes)
-    np.save(run_dir / "confusion.npy", result.confusion)
-    confusion_figure(result.confusion, names, run_dir / "confusion.png")
+    result = score_head(head, store, gt, flip_tta=flip_tta, save_predictions=save_predictions, device=device, progress=progress)
+    np.save(files.confusion, result.confusion)
+    confusion_figure(result.confusion, class_names(head.num_classes), files.confusion_figure)
     trained = config.get("result", {})
     metrics = {
         "miou": result.miou, "per_class_iou": result.per_class_iou, "pixel_accuracy": result.pixel_accuracy,
@@ -163,5 +176,5 @@ def evaluate_run(run_dir: Path, store: FeatureStore, gt: LabelSource, **kwargs: 
         "skipped_images": len(result.skipped), "flip_tta": result.flip_tta, "labels": config["labels"]["name"],
         "head": config["train"]["head"], "val_store": str(store.path),
     }  # fmt: skip
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    files.metrics.write_text(json.dumps(metrics, indent=2))
     return result

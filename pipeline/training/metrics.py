@@ -1,4 +1,4 @@
-"""Segmentation metrics from one confusion matrix accumulated over a whole split (REFERENCE.md §5).
+"""Segmentation metrics from one confusion matrix accumulated over a whole split, as papers report mIoU.
 
 IoU_c = TP / (TP + FP + FN) per class, NaN when TP + FP + FN == 0 (the class occurs neither in the
 ground truth nor in the predictions); mIoU is the mean over the other classes. This equals torchmetrics

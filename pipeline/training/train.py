@@ -3,7 +3,7 @@
 Usage::
 
     store = FeatureStore.open("cache/dinov2_vitl14-448-last/train.zarr")
-    labels = open_labels(store, "eps")
+    labels = ensure_labels(source, store, num_classes=21)     # the imported label set
     result = train_head(store, labels, TrainConfig(labels="eps"), Path("runs/eps-bn-linear"))
 
 The features are loaded once into memory (GPU memory when training on a GPU) when they fit, else
@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,11 +25,12 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from pipeline.cache.labels import LabelStore
+from pipeline.cache.labels import LabelSet
+from pipeline.cache.names import ImageStatus, RunFiles
 from pipeline.cache.store import FeatureStore
 from pipeline.config import TrainConfig
+from pipeline.devices import fits_in_memory, pick_device
 from pipeline.errors import LabelError
-from pipeline.features.extract import pick_device
 from pipeline.heads import build_head
 from pipeline.training.losses import dense_loss, sparse_loss, subsampled_dense_loss
 
@@ -51,18 +51,6 @@ class TrainResult:
     history: dict[str, list[float]] = field(default_factory=dict)
 
 
-def fits_in_memory(nbytes: int, device: torch.device) -> bool:
-    """Whether ``nbytes`` of features can live in GPU memory (CUDA) or RAM, with room to spare."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return nbytes < 0.6 * free
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):  # not on Linux: be conservative
-        available = 8 * 2**30
-    return nbytes < 0.5 * available
-
-
 class FeatureBatches:
     """Batches of (positions into ``indices``, tokens (b, V, h, w, C) float16 on the device).
 
@@ -79,7 +67,7 @@ class FeatureBatches:
 
     def _load_all(self, per_read: int = 8) -> torch.Tensor:
         """All training tokens into one tensor on the device, read a few consecutive images per call
-        into a reused buffer (REFERENCE.md section 6: large single reads are slow)."""
+        into a reused buffer (large single reads are slow: cache_layout.md, "Shard size")."""
         shape = (len(self.indices), self.store.n_views, *self.store.grid, self.store.channels)
         out = torch.empty(shape, dtype=torch.float16, device=self.device)
         buffer = np.empty((per_read, *shape[1:]), dtype=np.float16)
@@ -151,9 +139,9 @@ def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
     return factor
 
 
-def training_images(store: FeatureStore, labels: LabelStore) -> np.ndarray:
+def training_images(store: FeatureStore, labels: LabelSet) -> np.ndarray:
     """Store indices that were extracted and carry at least one labelled pixel."""
-    usable = (store.status() == 1) & labels.labelled
+    usable = (store.status() == ImageStatus.OK) & labels.labelled
     left_out = int((~labels.labelled).sum())
     if left_out:
         log.info("%d of %d images have no label in %r and are left out", left_out, store.n_images, labels.name)
@@ -165,7 +153,7 @@ def training_images(store: FeatureStore, labels: LabelStore) -> np.ndarray:
 
 def train_head(
     store: FeatureStore,
-    labels: LabelStore,
+    labels: LabelSet,
     cfg: TrainConfig,
     run_dir: Path,
     *,
@@ -235,31 +223,25 @@ def write_run(
     head: torch.nn.Module,
     cfg: TrainConfig,
     store: FeatureStore,
-    labels: LabelStore,
+    labels: LabelSet,
     num_classes: int,
     result: TrainResult,
 ) -> None:
     """head.safetensors, config.json (train + head config and the fingerprints used), history.json, curve.png."""
     from pipeline.figures.plots import curve_figure
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(run_dir / "head.safetensors"))
+    files = RunFiles(run_dir)
+    files.dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(files.head))
     config: dict[str, Any] = {
         "train": cfg.to_dict(),
         "head": head.config,
         "num_classes": num_classes,
-        "store": {"path": str(store.path), "fingerprint": store.fingerprint(), "identity": store_identity(store)},
+        "store": {"path": str(store.path), "fingerprint": store.fingerprint(), "identity": store.identity.for_heads()},
         "labels": {"name": labels.name, "kind": labels.kind, "path": str(labels.path), "fingerprint": labels.fingerprint},
         "result": {"steps": result.steps, "epochs": result.epochs, "images": result.images,
                    "seconds": round(result.seconds, 3), "in_memory": result.in_memory},
     }  # fmt: skip
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
-    (run_dir / "history.json").write_text(json.dumps(result.history))
-    curve_figure({"loss": result.history["loss"], "lr": result.history["lr"]}, run_dir / "curve.png")
-
-
-def store_identity(store: FeatureStore) -> dict[str, Any]:
-    """What a head depends on: backbone, weights, layers, canvas size, grid and channels."""
-    a = store.attrs
-    return {"backbone": a.get("backbone"), "weights_sha256": a.get("weights_sha256"), "layers": list(store.layers),
-            "size": store.size, "grid": list(store.grid), "channels": store.channels}  # fmt: skip
+    files.config.write_text(json.dumps(config, indent=2))
+    files.history.write_text(json.dumps(result.history))
+    curve_figure({"loss": result.history["loss"], "lr": result.history["lr"]}, files.curve)
