@@ -57,3 +57,33 @@ def test_bad_workspace_and_config_values_are_named(tmp_path):
     assert ExtractConfig.from_dict(ExtractConfig(flip=True).to_dict()) == ExtractConfig(flip=True)
     with pytest.raises(ConfigError, match="unknown TrainConfig keys"):
         TrainConfig.from_dict({"lr": 1e-3, "momentum": 0.9})
+
+
+def _workspace(tmp_path, text: str) -> Workspace:
+    (tmp_path / "ssvt.toml").write_text(text)
+    return Workspace.load(tmp_path / "ssvt.toml")
+
+
+def test_unknown_workspace_keys_are_errors_naming_the_valid_ones(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"unknown key `num_class` in \[dataset\] \(did you mean `num_classes`\?\); valid keys: root"
+    ):
+        _workspace(tmp_path, '[dataset]\nroot = "d"\nnum_class = 150\n')
+    with pytest.raises(ConfigError, match=r"unknown key `trainig` in the file \(sections\).*valid keys: dataset, paths, labels"):
+        _workspace(tmp_path, '[dataset]\nroot = "d"\n[trainig]\nlr = 1\n')
+    with pytest.raises(ConfigError, match=r"unknown key `backgroud` in \[labels.point\] \(did you mean `background`\?\)"):
+        _workspace(tmp_path, '[dataset]\nroot = "d"\n[labels.point]\nkind = "points-json"\npath = "p.json"\nbackgroud = "b"\n')
+    with pytest.raises(ConfigError, match=r"unknown key `chache` in \[paths\]"):
+        _workspace(tmp_path, '[dataset]\nroot = "d"\n[paths]\nchache = "c"\n')
+    with pytest.raises(ConfigError, match=r"labels.gt must be a table"):
+        _workspace(tmp_path, '[dataset]\nroot = "d"\n[labels]\ngt = "masks"\n')
+    assert _workspace(tmp_path, '[dataset]\nroot = "d"\nnum_classes = 150\n').num_classes == 150
+
+
+def test_the_shipped_templates_use_only_valid_keys(tmp_path):
+    from pipeline.templates import INIT_TEMPLATE, TOY_WORKSPACE
+
+    for text in (INIT_TEMPLATE, TOY_WORKSPACE):
+        ws = _workspace(tmp_path, text)
+        assert ws.num_classes == 21
+        assert "gt" in ws.labels

@@ -134,3 +134,65 @@ def test_errors() -> None:
     head = build_head("linear", C, K)
     with pytest.raises(ConfigError, match=r"\(B, h, w, 24\)"):
         head(torch.zeros(2, 4, 4, C + 1))
+
+
+# --- registering a head ---------------------------------------------------------------------------
+
+PLUGIN = """
+from torch import nn
+from pipeline.heads import SegHead, register_head
+
+@register_head("tiny-mlp", "two 1x1 convs with a ReLU, registered by a plugin")
+class TinyMLP(SegHead):
+    def __init__(self, in_channels, num_classes, n_layers=1, hidden=8):
+        super().__init__(in_channels, num_classes, n_layers)
+        self.body = nn.Sequential(nn.Conv2d(in_channels, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, num_classes, 1))
+"""
+
+
+@pytest.fixture
+def plugin_head():
+    """Registers ``tiny-mlp`` for one test and removes it afterwards (the registry is process-wide)."""
+    namespace: dict[str, object] = {}
+    exec(PLUGIN, namespace)
+    yield HEADS["tiny-mlp"]
+    del HEADS["tiny-mlp"]
+
+
+def test_one_registration_makes_a_head_buildable_and_configurable(plugin_head) -> None:
+    from pipeline.config import TrainConfig
+
+    assert plugin_head.description.startswith("two 1x1 convs")
+    head = build_head("tiny-mlp", C, K, hidden=4)
+    assert head.config == {"name": "tiny-mlp", "in_channels": C, "num_classes": K, "n_layers": 1, "hidden": 4}
+    assert head(tokens()).shape == (3, K, 4, 6)
+    assert TrainConfig(head="tiny-mlp").head == "tiny-mlp"  # the config check reads the registry
+    rebuilt = head_from_config(json.loads(json.dumps(head.config)))
+    rebuilt.load_state_dict(head.state_dict())
+    with pytest.raises(ConfigError, match="registered already"):
+        exec(PLUGIN, {})
+
+
+def test_unknown_head_is_refused_by_the_config_naming_the_valid_ones() -> None:
+    from pipeline.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"unknown head 'segformer'; valid heads: linear, bn-linear, mlp, conv"):
+        TrainConfig(head="segformer")
+
+
+def test_a_registered_head_appears_in_train_head_help(tmp_path) -> None:
+    """In a fresh interpreter: a plugin registers a head before the CLI is built, and `ssvt train-head
+    --help` lists it with its description; without the plugin it is absent."""
+    import subprocess
+    import sys
+
+    show_help = "from pipeline.cli import app; app(['train-head', '--help'], prog_name='ssvt', standalone_mode=False)"
+    env = {"COLUMNS": "400", "PATH": "/usr/bin:/bin", "TERM": "dumb"}
+    with_plugin = subprocess.run([sys.executable, "-c", PLUGIN + "\n" + show_help], capture_output=True, text=True, env=env)
+    assert with_plugin.returncode == 0, with_plugin.stderr
+    plain = subprocess.run([sys.executable, "-c", show_help], capture_output=True, text=True, env=env)
+    assert plain.returncode == 0, plain.stderr
+    text = " ".join(with_plugin.stdout.replace("│", " ").split())  # rich wraps long help inside a box
+    assert "tiny-mlp: two 1x1 convs with a ReLU, registered by a plugin" in text
+    assert "bn-linear: BatchNorm + 1x1 conv" in text
+    assert "tiny-mlp" not in plain.stdout
