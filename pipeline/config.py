@@ -195,7 +195,7 @@ DEMO_LABELS = ("gt", "scribble", "point", "eps", "seam", "vl")
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of the tour. The defaults take about a minute on 2 quiet CPU cores (ViT-S/14 at 224)."""
+    """Sizes of the tour. The defaults take about 45 s on 2 quiet CPU cores (ViT-S/14 at 224, README)."""
 
     n_train: int = 96
     n_val: int = 32
@@ -323,7 +323,7 @@ class Workspace:
 
 
 def default_masks(root: Path, fmt: str) -> Path | None:
-    """The dataset's own ground-truth masks, used as label set ``gt`` when the workspace names none:
+    """The dataset's own ground-truth masks, used as label source ``gt`` when the workspace names none:
     ``SegmentationClassAug/`` when present, else ``SegmentationClass/`` (VOC), or ``masks/`` beside
     ``images/`` (folder datasets)."""
     candidates = ("SegmentationClassAug", "SegmentationClass") if fmt == "voc" else ("masks",)
@@ -331,7 +331,7 @@ def default_masks(root: Path, fmt: str) -> Path | None:
 
 
 def optional_label_source(name_or_path: str | None, workspace: Workspace | None) -> LabelSource | None:
-    """Like :func:`label_source`, but None (instead of an error) when neither a workspace label set
+    """Like :func:`label_source`, but None (instead of an error) when neither a workspace label source
     nor a path of that name exists: for optional ground truth."""
     if name_or_path is None:
         return None

@@ -32,7 +32,7 @@ class WeightsError(SsvtError, ValueError):
 
 
 class StoreError(SsvtError, RuntimeError):
-    """A feature or label store is missing, incomplete, corrupt or cannot be written."""
+    """A feature store or label set is missing, incomplete, corrupt or cannot be written."""
 
 
 class StoreMismatchError(SsvtError, ValueError):

@@ -4,7 +4,7 @@ A head is one class plus one :func:`register_head` line; the CLI choices and hel
 and the tests read the registry, so nothing else needs to change to add one.
 
 A head maps tokens (B, h, w, C) (any float dtype; float16 from the cache is cast to the head's dtype)
-to logits (B, K, h, w) at patch resolution; the loss upsamples them (see :mod:`pipeline.losses`).
+to logits (B, K, h, w) at patch resolution; the loss upsamples them (see :mod:`pipeline.training.losses`).
 ``C`` may be ``n_layers`` cached blocks concatenated on channels (groups of ``C / n_layers``)::
 
     head = build_head("bn-linear", in_channels=1024, num_classes=21)

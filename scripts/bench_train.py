@@ -11,7 +11,7 @@ With a ViT-S/14-shaped random model (``dinov2_vits14``, random init) at 448 on t
    workers as extract), the frozen backbone runs on every batch under ``inference_mode``, then head
    forward, the same loss, backward and an AdamW step. Measured on ``--online-batches`` batches and
    extrapolated to the epoch (time per image x images). The masks come already aligned from the
-   label store, which favours the online path (peers decode a PNG per image as well);
+   label set, which favours the online path (peers decode a PNG per image as well);
 4. streaming the store (``iter_shards`` in order and shuffled, and the training reader
    ``FeatureBatches`` in stream mode) against reading the same bytes through a numpy memmap, on a
    store with the default shard size filled with tiled cached tokens. Reads come from the page cache.

@@ -48,6 +48,163 @@ def test_extract_flags_become_config(toy_copy, monkeypatch):
     assert seen["backbone"] is seen["loaded"]
 
 
+def _tree(root: Path) -> set[Path]:
+    """Every path under ``root``, to check that a failing command wrote nothing."""
+    return set(root.rglob("*"))
+
+
+def test_train_head_flags_become_config(toy_copy, monkeypatch):
+    import pipeline.training.runs
+    from pipeline.cache.label_kinds import LabelSource
+    from pipeline.config import TrainConfig
+
+    seen = {}
+
+    def fake(*args, **kwargs):
+        seen.setdefault("calls", []).append((args, kwargs))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(pipeline.training.runs, "train_and_evaluate", fake)
+    monkeypatch.chdir(toy_copy)
+    result = runner.invoke(app, ["train-head", "--labels", "eps", "--head", "mlp", "--epochs", "3", "--min-steps", "7",
+                                 "--batch-size", "5", "--lr", "0.02", "--weight-decay", "0.001", "--warmup", "0.1",
+                                 "--schedule", "cosine", "--pixels-per-image", "123", "--no-flip", "--seed", "4",
+                                 "--device", "cpu", "--strict", "--out", "somewhere", "--store", "X.zarr",
+                                 "--val-store", "Y.zarr", "--features", "NAME"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert len(seen["calls"]) == 1
+    (cfg, source, ws), kw = seen["calls"][0]
+    assert cfg == TrainConfig(labels="eps", head="mlp", epochs=3, min_steps=7, batch_size=5, lr=0.02, weight_decay=0.001,
+                              warmup=0.1, schedule="cosine", pixels_per_image=123, flip=False, seed=4, device="cpu")  # fmt: skip
+    root = toy_copy.resolve()
+    assert ws.file == root / "ssvt.toml"
+    assert source == LabelSource("eps", "mask", root / "labels" / "pseudo_eps")
+    assert kw["gt"] == LabelSource("gt", "mask", root / "VOC2012" / "SegmentationClass")
+    assert kw["store_path"] == Path("X.zarr")
+    assert kw["val_store_path"] == Path("Y.zarr")
+    assert kw["features"] == "NAME"
+    assert kw["out"] == Path("somewhere")
+    assert kw["strict"] is True
+    assert callable(kw["progress"])
+    assert set(kw) == {"store_path", "val_store_path", "gt", "features", "out", "strict", "progress"}
+
+
+def test_evaluate_flags_become_call(toy_copy, monkeypatch):
+    import pipeline.training.evaluate
+    from pipeline.cache.label_kinds import LabelSource
+
+    seen = {}
+
+    def fake(*args, **kwargs):
+        seen.setdefault("calls", []).append((args, kwargs))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(pipeline.training.evaluate, "evaluate", fake)
+    monkeypatch.chdir(toy_copy)
+    result = runner.invoke(app, ["evaluate", "RUN", "--store", "S.zarr", "--gt", "gt", "--flip-tta",
+                                 "--save-predictions", "P", "--device", "cpu"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert len(seen["calls"]) == 1
+    (run, gt), kw = seen["calls"][0]
+    assert run == Path("RUN")
+    assert gt == LabelSource("gt", "mask", toy_copy.resolve() / "VOC2012" / "SegmentationClass")
+    assert kw["store_path"] == Path("S.zarr")
+    assert kw["val_split"] == "val"
+    assert kw["flip_tta"] is True
+    assert kw["save_predictions"] == Path("P")
+    assert kw["device"] == "cpu"
+    assert callable(kw["progress"])
+    assert set(kw) == {"store_path", "val_split", "flip_tta", "save_predictions", "device", "progress"}
+
+
+def test_kmeans_viz_flags_become_config(toy_copy, monkeypatch):
+    import pipeline.figures.shape_prior
+    from pipeline.cache.label_kinds import LabelSource
+    from pipeline.config import KMeansVizConfig
+
+    seen = {}
+    store = object()
+
+    def fake_open(path, *args, **kwargs):
+        seen.setdefault("opened", []).append((path, args, kwargs))
+        return store
+
+    def fake(*args, **kwargs):
+        seen.setdefault("calls", []).append((args, kwargs))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(FeatureStore, "open", staticmethod(fake_open))
+    monkeypatch.setattr(pipeline.figures.shape_prior, "kmeans_viz", fake)
+    monkeypatch.chdir(toy_copy)
+    result = runner.invoke(app, ["kmeans-viz", "--store", "S.zarr", "--k", "3,5", "--ids", "a,b", "--seed", "2", "--joint",
+                                 "--no-normalize", "--no-pca", "--gt", "gt", "--out", "OUT"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert seen["opened"] == [(Path("S.zarr"), (), {})]
+    assert len(seen["calls"]) == 1
+    (opened, out, cfg), kw = seen["calls"][0]
+    assert opened is store
+    assert out == Path("OUT")
+    assert cfg == KMeansVizConfig(ks=(3, 5), ids=("a", "b"), n=4, seed=2, joint=True, normalize=False, pca=False,
+                                  num_classes=21)  # fmt: skip
+    assert kw["gt"] == LabelSource("gt", "mask", toy_copy.resolve() / "VOC2012" / "SegmentationClass")
+    assert set(kw) == {"gt", "progress"}
+
+
+def test_unknown_head_or_labels_fail_before_any_work(toy_copy, monkeypatch):
+    monkeypatch.chdir(toy_copy)
+    assert not (toy_copy / "runs").exists()
+    assert not (toy_copy / "cache").exists()
+    before = _tree(toy_copy)
+
+    result = runner.invoke(app, ["train-head", "--labels", "eps", "--head", "segformer"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert "segformer" in lines[0]
+    for name in ("linear", "bn-linear", "mlp", "conv"):
+        assert name in lines[0]
+    assert "Traceback" not in result.output
+    assert not (toy_copy / "runs").exists()
+    assert _tree(toy_copy) == before
+
+    result = runner.invoke(app, ["train-head", "--labels", "nosuch"])
+    assert result.exit_code == 1
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert "nosuch" in result.output
+    assert "Traceback" not in result.output
+    assert _tree(toy_copy) == before
+
+    result = runner.invoke(app, ["train-head", "--labels", "cls"])
+    assert result.exit_code == 1
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert "image-level" in result.output  # the label kind is refused before a store is looked for ...
+    assert "no cached features" not in result.output  # ... (the toy copy has no cache)
+    assert "Traceback" not in result.output
+    assert _tree(toy_copy) == before
+
+
+def test_unknown_workspace_key_is_an_error(toy, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text = (toy.root / "ssvt.toml").read_text()
+    assert "[dataset]\n" in text
+    typo = tmp_path / "typo.toml"
+    typo.write_text(text.replace("[dataset]\n", "[dataset]\nnum_class = 150\n", 1))
+    result = runner.invoke(app, ["train-head", "--labels", "gt", "--config", str(typo)])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert "`num_class`" in result.output
+    assert "did you mean `num_classes`" in result.output
+    assert "valid keys: root, format, splits, train_split, val_split, num_classes" in result.output
+
+    section = tmp_path / "section.toml"
+    section.write_text(text + "\n[trainig]\nepochs = 3\n")
+    result = runner.invoke(app, ["train-head", "--labels", "gt", "--config", str(section)])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert "`trainig`" in result.output
+    assert "dataset, paths, labels" in result.output
+
+
 def test_errors_are_one_red_line(toy_copy, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["extract", "--size", "450"])

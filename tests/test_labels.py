@@ -1,4 +1,4 @@
-"""Label store: every label kind of the toy workspace imported onto a small feature store of the toy
+"""Label set: every label kind of the toy workspace imported onto a small feature store of the toy
 train split, checked against references computed here from the source files (nearest resize in
 integer arithmetic, click and stroke positions from the JSON/XML/PNG) and read back with plain h5py."""
 
@@ -523,7 +523,7 @@ def test_a_crash_during_import_leaves_no_partial_file(store, sources, monkeypatc
     with pytest.raises(RuntimeError, match="disk on fire"):
         ensure_labels(sources["eps"], store, num_classes=NUM_CLASSES)
     assert h5_files(store.path.parent) == []
-    # an existing label store survives a crashed re-import untouched
+    # an existing label set survives a crashed re-import untouched
     monkeypatch.setattr(readers, "read_mask", real)
     good = ensure_labels(sources["eps"], store, num_classes=NUM_CLASSES)
     before = good.path.read_bytes()
@@ -539,7 +539,7 @@ def test_open_refuses_unreadable_and_newer_label_stores(imported, tmp_path):
     _, sets = imported
     junk = tmp_path / "junk.h5"
     junk.write_bytes(b"not hdf5")
-    with pytest.raises(StoreError, match="not a readable ssvt label store"):
+    with pytest.raises(StoreError, match="not a readable ssvt label set"):
         LabelSet.open(junk)
     newer = tmp_path / "newer.h5"
     shutil.copy(sets["eps"].path, newer)

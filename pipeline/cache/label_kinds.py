@@ -76,6 +76,10 @@ class KindReader:
         self.source.require_dense()
         return None
 
+    def has_mask(self, image_id: str) -> bool:
+        """Whether :meth:`original` finds a mask for ``image_id`` (dense kinds; cheaper than reading it)."""
+        return self.original(image_id) is not None
+
     def check_classes(self, values: np.ndarray, where: str) -> None:
         bad = np.unique(values[(values >= self.num_classes) & (values != IGNORE)])
         if bad.size:
@@ -99,6 +103,9 @@ class MaskReader(KindReader):
     def original(self, image_id: str, geom: Geometry | None = None) -> tuple[Path, np.ndarray] | None:
         return self.read(image_id, geom)
 
+    def has_mask(self, image_id: str) -> bool:
+        return readers.find_mask(self.source.path, image_id) is not None
+
     def canvas(self, image_id: str, geom: Geometry) -> np.ndarray | None:
         found = self.read(image_id, geom)
         if found is None:
@@ -116,6 +123,7 @@ class ScribblePngReader(MaskReader):
     pixel, so no stroke is lost to downscaling. Sparse, so no ground truth."""
 
     original = KindReader.original
+    has_mask = KindReader.has_mask
 
     def to_canvas(self, mask: np.ndarray, geom: Geometry) -> np.ndarray:
         return readers.sparse_mask_to_canvas(mask, geom)

@@ -121,7 +121,7 @@ class Stroke:
 def read_scribble_xml(path: str | Path) -> tuple[list[Stroke], tuple[int, int] | None]:
     """A ScribbleSup XML file -> (strokes, (H, W) from ``<size>`` or None when absent).
 
-    Tags are matched case-insensitively against :data:`pipeline.voc.SCRIBBLE_TAGS` (short tags such as
+    Tags are matched case-insensitively against :data:`pipeline.cache.voc.SCRIBBLE_TAGS` (short tags such as
     "plane", "monitor" and the full class names). Points may lie outside the image; they are kept.
     """
     path = Path(path)

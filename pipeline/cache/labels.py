@@ -8,7 +8,7 @@ Usage::
 Each label kind's reader (:mod:`pipeline.cache.label_kinds`) places its labels on the canvas: dense
 masks by nearest neighbour, scribbles and points drawn after the geometry transform so no stroke or
 click is lost. This is the only module that imports h5py; the file layout is specified in
-cache_layout.md ("Label store").
+cache_layout.md ("Label set").
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ LABEL_SCHEMA = 1
 
 @dataclass
 class LabelSet:
-    """An imported label set: a read-only view of its HDF5 file (cache_layout.md, "Label store")."""
+    """An imported label set: a read-only view of its HDF5 file (cache_layout.md, "Label set")."""
 
     path: Path
     name: str
@@ -58,7 +58,7 @@ class LabelSet:
                 labelled = f["pixel_count"][...] > 0
                 canvas = int(f["masks"].shape[-1])
         except (OSError, KeyError) as exc:
-            raise StoreError(f"{path} is not a readable ssvt label store ({exc}); delete it to re-import") from None
+            raise StoreError(f"{path} is not a readable ssvt label set ({exc}); delete it to re-import") from None
         if attrs.get("ssvt_label_schema", 0) > LABEL_SCHEMA:
             raise StoreError(f"{path} has label schema {attrs['ssvt_label_schema']}, newer than this ssvt; upgrade ssvt")
         return cls(path, attrs["name"], attrs["kind"], bool(attrs["sparse"]), canvas, labelled, attrs)
@@ -125,7 +125,7 @@ def ensure_labels(source: LabelSource, store: FeatureStore, *, num_classes: int,
 def import_labels(source: LabelSource, store: FeatureStore, *, num_classes: int, strict: bool = False,
                   progress: Callable[[int, int], None] | None = None,
                   source_sha256: str | None = None) -> LabelSet:  # fmt: skip
-    """Read every label of ``source`` for the store's images and write the HDF5 label store.
+    """Read every label of ``source`` for the store's images and write the HDF5 label set.
 
     Written to a temporary file and renamed when complete, so a crash never leaves half a label set.
     """

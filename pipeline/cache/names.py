@@ -139,7 +139,7 @@ class CacheLayout:
 
 
 def run_stem(labels: str, head: str) -> str:
-    """The default name of a run folder: ``<label set>-<head>``."""
+    """The default name of a run folder: ``<label source>-<head>``."""
     return f"{labels}-{head}"
 
 

@@ -390,7 +390,7 @@ class FeatureStore:
 
     def _read_shard(self, shard: int, start: int, out: np.ndarray, where: np.ndarray, images_per_read: int) -> None:
         """The images of one shard into ``out``, local image i at row ``where[i]``: straight from the
-        shard file when it has the documented uncompressed layout (pipeline.shardread), else through
+        shard file when it has the documented uncompressed layout (pipeline.cache.shardread), else through
         zarr a few contiguous images per call, scattered into place."""
         n = len(out)
         if self._direct is not None and self._direct.read(shard, n, out, images_per_read, rows=where):

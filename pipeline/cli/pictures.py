@@ -49,7 +49,7 @@ def kmeans_viz_cmd(
     gt: Annotated[
         str | None,
         typer.Option(
-            help="Ground-truth label set (name or mask folder): adds a GT column and the Hungarian mIoU of the clusters."
+            help="Ground-truth label source (name or mask folder): adds a GT column and the Hungarian mIoU of the clusters."
         ),
     ] = "gt",
     out: Annotated[Path, typer.Option(help="Output folder (figure PNG+PDF, cluster maps, centroids, scores).")] = Path("kmeans"),

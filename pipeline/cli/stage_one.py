@@ -137,7 +137,7 @@ def extract_cmd(
 
 def _print_extract_summary(split: str, s: Any) -> None:
     rows = [
-        ("store", s.store), ("images", s.n_images), ("extracted now", s.images_done),
+        ("store", s.store_path), ("images", s.n_images), ("extracted now", s.images_done),
         ("shards written / already done", f"{s.shards_written} / {s.shards_skipped}"),
         ("unreadable images", len(s.failed)), ("device", s.device), ("weights", s.weights_source),
         ("time", f"{s.seconds:.1f} s"), ("throughput", f"{s.images_per_s:.1f} img/s"),

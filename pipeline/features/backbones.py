@@ -1,6 +1,6 @@
 """DINOv2 backbones: a registry, weight resolution and the frozen feature extractor.
 
-The only module that knows DINOv2 internals (with :mod:`pipeline.checkpoints`, which maps weight
+The only module that knows DINOv2 internals (with :mod:`pipeline.features.checkpoints`, which maps weight
 files). Features equal the official implementation's ``get_intermediate_layers(norm=True)`` at any
 input size that is a multiple of 14, including its position-embedding interpolation::
 

@@ -9,7 +9,7 @@ Everything converts through the official layout, which never changes::
     official = state if is_official_layout(state) else hf_to_official(state)
     model.load_state_dict(official_to_hf(official, model.state_dict()), strict=True)
 
-:mod:`pipeline.backbones` is the only user; nothing here knows about the registry.
+:mod:`pipeline.features.backbones` is the only user; nothing here knows about the registry.
 """
 
 from __future__ import annotations

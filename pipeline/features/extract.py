@@ -45,7 +45,7 @@ Progress = Callable[[int, int], None]
 class ExtractSummary:
     """What one ``extract`` call did."""
 
-    store: Path
+    store_path: Path
     n_images: int
     device: str
     weights_source: str

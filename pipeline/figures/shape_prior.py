@@ -30,7 +30,6 @@ from PIL import Image
 from pipeline import __version__
 from pipeline.cache.geometry import IGNORE, Geometry
 from pipeline.cache.label_kinds import LabelSource
-from pipeline.cache.label_readers import find_mask
 from pipeline.cache.names import ImageStatus
 from pipeline.cache.store import FeatureStore
 from pipeline.cache.voc import CLASS_NAMES
@@ -99,7 +98,8 @@ def choose_images(store: FeatureStore, cfg: KMeansVizConfig, gt: LabelSource | N
         return chosen
     candidates = [int(i) for i in np.flatnonzero(status == ImageStatus.OK)]
     if gt is not None:
-        candidates = [i for i in candidates if find_mask(gt.path, store.ids[i]) is not None]
+        reader = gt.reader(cfg.num_classes)
+        candidates = [i for i in candidates if reader.has_mask(store.ids[i])]
     if not candidates:
         where = f" with a mask in {gt.path}" if gt is not None else ""
         raise StoreError(f"{store.path} has no extracted image{where} to draw; run `ssvt extract` or check the ids")
