@@ -52,7 +52,7 @@ def train_head_cmd(
         Path | None,
         typer.Option("--val-store", help="Validation store, evaluated at the end. Default: the val split beside --store."),
     ] = None,
-    gt: Annotated[str, typer.Option(help="Ground truth for the final evaluation: a label-set name or a mask folder.")] = "gt",
+    gt: Annotated[str, typer.Option(help="Ground truth for the final evaluation: a label source name or a mask folder.")] = "gt",
     features: FeaturesOpt = None,
     out: Annotated[Path | None, typer.Option(help="Run folder. Default: <runs>/<labels>-<head>[-n].")] = None,
     epochs: Annotated[int, typer.Option(help="Passes over the labelled training images.")] = 30,
@@ -135,7 +135,7 @@ def evaluate_cmd(
         Path | None,
         typer.Option("--store", help="Validation feature store. Default: the val split next to the run's training store."),
     ] = None,
-    gt: Annotated[str, typer.Option(help="Ground truth: a label-set name from ssvt.toml or a mask folder.")] = "gt",
+    gt: Annotated[str, typer.Option(help="Ground truth: a label source name from ssvt.toml or a mask folder.")] = "gt",
     flip_tta: Annotated[bool, typer.Option(help="Average with the cached flipped view (needs extract --flip).")] = False,
     save_predictions: Annotated[
         Path | None, typer.Option(help="Write palette PNGs <id>.png at original resolution here.")
