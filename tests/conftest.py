@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,3 +27,20 @@ def toy_copy(toy: ToyDataset, tmp_path: Path) -> Path:
     dst = tmp_path / "toy"
     shutil.copytree(toy.root, dst)
     return dst
+
+
+def _modules_loaded_by(code: str, *prefixes: str) -> list[str]:
+    probe = (
+        f"{code}\nimport json, sys\n"
+        f"print(json.dumps(sorted(m for m in sys.modules if any(m == p or m.startswith(p + '.') for p in {list(prefixes)!r}))))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def modules_loaded_by() -> Callable[..., list[str]]:
+    """``modules_loaded_by(code, *prefixes)``: run ``code`` in a fresh interpreter and list the loaded
+    modules under ``prefixes`` (``"torch"`` matches ``torch`` and ``torch.nn``, not ``torchvision``)."""
+    return _modules_loaded_by

@@ -21,12 +21,12 @@ from pipeline.features.data import find_images
 from pipeline.features.extract import extract, store_path
 from pipeline.figures.shape_prior import KMeansVizResult, kmeans_viz
 from pipeline.toy.dataset import make_toy
-from pipeline.training.runs import RunOutcome, train_and_evaluate
+from pipeline.training.runs import RunOutcome, StageProgress, train_and_evaluate
 
 log = logging.getLogger(__name__)
 
-#: Called with (stage, done, total, loss or None), like :data:`pipeline.training.runs.StageProgress`.
-DemoProgress = Callable[[str, int, int, float | None], None]
+#: Called with (stage, done, total, loss or None): the progress of train-head, with more stages.
+DemoProgress = StageProgress
 
 
 @dataclass
