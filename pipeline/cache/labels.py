@@ -125,61 +125,89 @@ def ensure_labels(source: LabelSource, store: FeatureStore, *, num_classes: int,
 def import_labels(source: LabelSource, store: FeatureStore, *, num_classes: int, strict: bool = False,
                   progress: Callable[[int, int], None] | None = None,
                   source_sha256: str | None = None) -> LabelSet:  # fmt: skip
-    """Read every label of ``source`` for the store's images and write the HDF5 label set.
+    """Read every label of ``source`` for the store's images and write the HDF5 label set."""
+    reader = source.reader(num_classes)
+    geoms = store.geometries()
+
+    def finish(missing: list[str]) -> dict[str, Any]:
+        _check_coverage(source, store, missing, reader, strict)
+        return {
+            "kind": source.kind, "sparse": source.spec.sparse, "source": str(source.path),
+            "source_background": str(source.background or ""), "source_sha256": source_sha256 or source_fingerprint(source),
+            "points_dropped": reader.dropped,
+        }  # fmt: skip
+
+    image_labels = None if reader.image_level is None else _image_level_rows(reader.image_level, store.ids)
+    labels = write_label_set(store, source.name, lambda i: reader.canvas(store.ids[i], geoms[i]), num_classes=num_classes,
+                             attrs=finish, image_labels=image_labels, progress=progress)  # fmt: skip
+    missing = labels.attrs["images_without_label"]
+    if missing:
+        log.warning("%d of %d images have no label in %r and are left out of training", missing, store.n_images, source.name)
+    return labels
+
+
+def write_label_set(
+    store: FeatureStore,
+    name: str,
+    canvas: Callable[[int], np.ndarray | None],
+    *,
+    num_classes: int,
+    attrs: Callable[[list[str]], dict[str, Any]],
+    image_labels: np.ndarray | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> LabelSet:
+    """Write label set ``name`` of ``store``: ``canvas(i)`` gives image i's (S, S) uint8 labels (255 =
+    ignore) or None, for every extracted image. ``attrs(missing ids)`` runs after the last image and
+    returns the kind and provenance attributes (it may raise to refuse the set); the counts, histogram
+    and fingerprints are added here. ``image_labels``: (N, C) class flags for image-level sets.
 
     Written to a temporary file and renamed when complete, so a crash never leaves half a label set.
     """
-    reader = source.reader(num_classes)
     geoms, status, ids, s = store.geometries(), store.status(), store.ids, store.size
-    path = label_set_path(store.path, source.name)
+    path = label_set_path(store.path, name)
     tmp = path.with_suffix(".h5.tmp")
     digest = hashlib.sha256()
     counts = np.zeros(len(ids), dtype=np.int64)
     hist = np.zeros(num_classes, dtype=np.int64)
     missing: list[str] = []
     try:
-        with store_io(f"importing label set {source.name!r} into {path}"), h5py.File(tmp, "w") as f:
+        with store_io(f"writing label set {name!r} into {path}"), h5py.File(tmp, "w") as f:
             masks = f.create_dataset(
                 "masks", (len(ids), s, s), dtype=np.uint8, chunks=(1, s, s), compression="lzf", fillvalue=IGNORE
             )
             for i, image_id in enumerate(ids):
-                canvas = reader.canvas(image_id, geoms[i]) if status[i] == ImageStatus.OK else None
-                if canvas is None:
+                labels = canvas(i) if status[i] == ImageStatus.OK else None
+                if labels is None:
                     missing.append(image_id)
-                    canvas = np.full((s, s), IGNORE, dtype=np.uint8)
-                masks[i] = canvas
-                digest.update(canvas.tobytes())
-                valid = canvas[canvas != IGNORE]
+                    labels = np.full((s, s), IGNORE, dtype=np.uint8)
+                masks[i] = labels
+                digest.update(labels.tobytes())
+                valid = labels[labels != IGNORE]
                 counts[i] = valid.size
                 hist += np.bincount(valid, minlength=num_classes)[:num_classes]
                 if progress:
                     progress(i + 1, len(ids))
-            _check_coverage(source, store, missing, reader, strict)
+            provenance = attrs(missing)
             f.create_dataset("pixel_count", data=counts)
             f.create_dataset("class_histogram", data=hist)
-            if reader.image_level is not None:  # the masks are all 255 here: the rows are the content to fingerprint
-                rows = _image_level_rows(reader.image_level, ids)
-                f.create_dataset("image_labels", data=rows)
-                digest.update(rows.tobytes())
+            if image_labels is not None:  # the masks are all 255 here: the rows are the content to fingerprint
+                f.create_dataset("image_labels", data=image_labels)
+                digest.update(image_labels.tobytes())
             content = counts.sum() / max(
                 1, sum(g.resized_height * g.resized_width for g, st in zip(geoms, status, strict=True) if st == ImageStatus.OK)
             )
-            attrs = {
-                "ssvt_label_schema": LABEL_SCHEMA, "ssvt_version": __version__, "name": source.name, "kind": source.kind,
-                "sparse": source.spec.sparse, "source": str(source.path),
-                "source_background": str(source.background or ""), "source_sha256": source_sha256 or source_fingerprint(source),
+            f.attrs.update({
+                "ssvt_label_schema": LABEL_SCHEMA, "ssvt_version": __version__, "name": name, "points_dropped": 0,
+                **provenance,
                 "store_fingerprint": store.fingerprint(), "sha256": digest.hexdigest(), "num_classes": num_classes,
                 "images": len(ids), "images_without_label": len(missing),
-                "images_labelled": len(ids) - len(missing) if reader.image_level is not None else int((counts > 0).sum()),
+                "images_labelled": len(ids) - len(missing) if image_labels is not None else int((counts > 0).sum()),
                 "labelled_fraction": float(content), "class_histogram": json.dumps(hist.tolist()),
-                "points_dropped": reader.dropped, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }  # fmt: skip
-            f.attrs.update(attrs)
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            })  # fmt: skip
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    if missing:
-        log.warning("%d of %d images have no label in %r and are left out of training", len(missing), len(ids), source.name)
     return LabelSet.open(path)
 
 
