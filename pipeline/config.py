@@ -189,6 +189,51 @@ class KMeansVizConfig(ConfigDict):
             raise ConfigError(f"dpi must be between 10 and 1200, got {self.dpi}")
 
 
+@dataclass(frozen=True)
+class PseudoMaskConfig(ConfigDict):
+    """Settings of one ``ssvt pseudo-masks`` run (the method: :mod:`pipeline.training.pseudo_masks`).
+
+    The classifier trains like a head (AdamW, warm-up, poly decay) for ``epochs`` or ``min_steps``.
+    ``threshold`` is the background threshold on max-normalised CAMs (None: chosen on the training
+    split's ground truth when given, among up to ``search_images`` images, else the default);
+    ``band`` around it is left 255. ``kmeans`` > 0 refines with that many clusters per image.
+    """
+
+    labels: str = "cls"
+    out_labels: str = "cam"
+    pooling_r: float = 5.0
+    epochs: int = 30
+    min_steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    threshold: float | None = None
+    band: float = 0.05
+    kmeans: int = 0
+    min_share: float = 0.5
+    search_images: int = 300
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.out_labels or "/" in self.out_labels or self.out_labels == self.labels:
+            raise ConfigError(f"--out-labels must be a new label set name, got {self.out_labels!r}")
+        if self.pooling_r <= 0:
+            raise ConfigError(f"pooling r must be positive, got {self.pooling_r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.min_steps < 0 or self.search_images < 1:
+            raise ConfigError("epochs, batch size and search images must be at least 1, min steps at least 0")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ConfigError(f"learning rate must be positive and weight decay non-negative, got {self.lr}, {self.weight_decay}")
+        if self.threshold is not None and not 0 < self.threshold < 1:
+            raise ConfigError(f"threshold is in (0, 1) on max-normalised class maps, got {self.threshold}")
+        if not 0 <= self.band < 0.5:
+            raise ConfigError(f"band must be in [0, 0.5), got {self.band}")
+        if self.kmeans < 0 or not 0 < self.min_share <= 1:
+            raise ConfigError(
+                f"kmeans must be 0 (off) or a cluster count, min share in (0, 1]; got {self.kmeans}, {self.min_share}"
+            )
+
+
 #: Label sets compared by the demo, in table order (names of the toy workspace).
 DEMO_LABELS = ("gt", "scribble", "point", "eps", "seam", "vl")
 

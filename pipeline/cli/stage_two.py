@@ -38,7 +38,11 @@ class Schedule(StrEnum):
 @errors_as_one_line
 def train_head_cmd(
     labels: Annotated[
-        str, typer.Option(help="Label source: a name from ssvt.toml [labels.*] (gt, scribble, point, seam, eps, vl) or a path.")
+        str,
+        typer.Option(
+            help="Label source: a name from ssvt.toml [labels.*] (gt, scribble, point, seam, eps, vl), a path, "
+            "or a label set made by `ssvt pseudo-masks` (e.g. cam)."
+        ),
     ],
     head: Annotated[str, typer.Option(help=f"Head, one of {', '.join(HEADS)}. {heads_help()}.")] = DEFAULT_HEAD,
     label_kind: Annotated[
@@ -75,8 +79,8 @@ def train_head_cmd(
 
     The validation split is evaluated when it is cached. Writes a run folder (weights, config,
     metrics, curve, confusion matrix, log)."""
-    from pipeline.config import TrainConfig, label_source, optional_label_source
-    from pipeline.training.runs import train_and_evaluate
+    from pipeline.config import TrainConfig, optional_label_source
+    from pipeline.training.runs import resolve_labels, train_and_evaluate
 
     cfg = TrainConfig(
         labels=labels, head=head, epochs=epochs, min_steps=min_steps, batch_size=batch_size, lr=lr,
@@ -84,7 +88,7 @@ def train_head_cmd(
         schedule=schedule.value, pixels_per_image=pixels_per_image, flip=flip, seed=seed, device=device,
     )  # fmt: skip
     ws = Workspace.find(config)
-    source = label_source(labels, ws, label_kind)
+    source = resolve_labels(labels, ws, kind=label_kind, store_path=store_path, features=features)
     gt_source = optional_label_source(gt, ws)
     with progress_bar("step/s") as bar:
         tasks: dict[str, Any] = {}
@@ -160,3 +164,66 @@ def evaluate_cmd(
     console.print(
         f"wrote {files.metrics}, {files.confusion_figure}" + (f", predictions in {save_predictions}" if save_predictions else "")
     )
+
+
+@app.command("pseudo-masks")
+@errors_as_one_line
+def pseudo_masks_cmd(
+    labels: Annotated[str, typer.Option(help="Image-level label source (kind cls-labels, e.g. cls_labels.npy).")] = "cls",
+    out_labels: Annotated[
+        str, typer.Option(help="Name of the label set to write; then `ssvt train-head --labels NAME`.")
+    ] = "cam",
+    store_path: Annotated[
+        Path | None, typer.Option("--store", help="Training feature store. Default: the workspace's train split in the cache.")
+    ] = None,
+    features: FeaturesOpt = None,
+    gt: Annotated[
+        str | None,
+        typer.Option(help="Ground truth of these images: chooses the threshold and measures the masks (skipped when absent)."),
+    ] = "gt",
+    threshold: Annotated[
+        float | None, typer.Option(help="Background threshold on max-normalised class maps. Default: chosen on --gt, else 0.3.")
+    ] = None,
+    band: Annotated[float, typer.Option(help="Pixels within this of the threshold are left unlabelled (255).")] = 0.05,
+    kmeans: Annotated[int, typer.Option(help="Refine with K-means clusters of each image's tokens (K; 0 = off).")] = 0,
+    epochs: Annotated[int, typer.Option(help="Passes of the classifier over the labelled images.")] = 30,
+    min_steps: Annotated[int, typer.Option(help="Train the classifier at least this many steps.")] = 300,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate of the classifier.")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    figure: Annotated[int, typer.Option(help="Draw cam.png with this many images (0 = none).")] = 6,
+    out: Annotated[Path, typer.Option(help="Folder for cam.png.")] = Path("pseudo-masks"),
+    device: DeviceOpt = "auto",
+    config: ConfigOpt = None,
+) -> None:
+    """Dense pseudo-masks from image-level labels, made from the cached features.
+
+    Trains a multi-label classifier on the patch tokens, turns its class activation maps into masks
+    (background threshold, unconfident pixels 255, only each image's labelled classes) and writes
+    them as a label set beside the store."""
+    from pipeline.cache.store import FeatureStore
+    from pipeline.config import PseudoMaskConfig, label_source, optional_label_source
+    from pipeline.training.pseudo_masks import make_pseudo_masks
+    from pipeline.training.runs import training_store_path
+
+    cfg = PseudoMaskConfig(labels=labels, out_labels=out_labels, threshold=threshold, band=band, kmeans=kmeans,
+                           epochs=epochs, min_steps=min_steps, lr=lr, seed=seed, device=device)  # fmt: skip
+    ws = Workspace.find(config)
+    source = label_source(labels, ws, "cls-labels" if ws is None or labels not in ws.labels else None)
+    gt_source = optional_label_source(gt, ws)
+    store = FeatureStore.open(training_store_path(ws, store_path, features))
+    with progress_bar("it/s") as bar:
+        tasks: dict[str, Any] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        result = make_pseudo_masks(store, source, cfg, num_classes=ws.num_classes if ws else 21, gt=gt_source, progress=report)
+    rows = [("label set", result.labels.path), ("images", result.images), ("time", f"{result.seconds:.1f} s"),
+            ("threshold", f"{result.threshold:.2f} ({result.threshold_source})")]  # fmt: skip
+    if result.quality:
+        rows += [("mIoU vs ground truth", f"{100 * result.quality['miou']:.1f} % (labelled pixels)"),
+                 ("pixels labelled", f"{100 * result.quality['coverage']:.1f} %")]  # fmt: skip
+    console.print(kv_table("pseudo-masks", rows))
+    console.print(f"next: ssvt train-head --labels {out_labels}")

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.cache.label_kinds import LabelSource
-from pipeline.cache.labels import ensure_labels
-from pipeline.cache.names import CacheLayout, RunFiles, StrPath, run_stem, sibling_store
+from pipeline.cache.labels import LabelSet, ensure_labels
+from pipeline.cache.names import CacheLayout, RunFiles, StrPath, label_set_path, run_stem, sibling_store
 from pipeline.cache.store import FeatureStore
-from pipeline.config import TrainConfig, Workspace
+from pipeline.config import TrainConfig, Workspace, label_source
 from pipeline.errors import ConfigError, LabelError
 from pipeline.training.evaluate import EvalResult, evaluate
 from pipeline.training.train import TrainResult, train_head
@@ -57,7 +57,8 @@ def run_log(run_dir: StrPath) -> Iterator[None]:
         handler.close()
 
 
-def _train_store_path(ws: Workspace | None, store_path: StrPath | None, features: str | None) -> Path:
+def training_store_path(ws: Workspace | None, store_path: StrPath | None = None, features: str | None = None) -> Path:
+    """``store_path`` when given, else the workspace's training split in its cache (``features``: the folder)."""
     if store_path is not None:
         return Path(store_path)
     if ws is None:
@@ -65,9 +66,34 @@ def _train_store_path(ws: Workspace | None, store_path: StrPath | None, features
     return ws.layout.find_store(ws.train_split, features)
 
 
+def resolve_labels(
+    name: str, ws: Workspace | None, *, kind: str | None = None, store_path: StrPath | None = None, features: str | None = None
+) -> LabelSource | str:
+    """What ``--labels NAME`` means: a label source of the workspace or a path (:func:`label_source`), else
+    the name of a label set ssvt made itself (``ssvt pseudo-masks``) beside the training store."""
+    try:
+        return label_source(name, ws, kind)
+    except ConfigError:
+        try:
+            made = label_set_path(training_store_path(ws, store_path, features), name).exists()
+        except ConfigError:
+            made = False
+        if not made:
+            raise
+        return name
+
+
+def _made_label_set(store: FeatureStore, name: str) -> LabelSet:
+    """A label set ssvt wrote itself (no source files): used as it is, if it was made from this store."""
+    labels = LabelSet.open(label_set_path(store.path, name))
+    if labels.attrs.get("store_fingerprint") != store.fingerprint():
+        raise LabelError(f"label set {name!r} was made from another feature store than {store.path}; make it again")
+    return labels
+
+
 def train_and_evaluate(
     cfg: TrainConfig,
-    source: LabelSource,
+    source: LabelSource | str,
     ws: Workspace | None,
     *,
     store_path: StrPath | None = None,
@@ -81,24 +107,29 @@ def train_and_evaluate(
     """Import the label set if needed, train the head, and evaluate it when a validation store and
     ground truth exist. Returns what was done; the run folder holds the rest.
 
-    Settings are checked before anything is read or written: ``cfg`` (head name included) when it is
-    built, the label source's kind here, so a bad name never leaves a run folder behind."""
+    ``source`` is a label source, or the name of a label set ssvt made beside the training store
+    (:func:`resolve_labels`). Settings are checked before anything is read or written: ``cfg`` (head
+    name included) when it is built, the label source's kind here, so a bad name never leaves a run
+    folder behind."""
     progress = progress or (lambda *_: None)
-    if not source.spec.trainable:
+    if isinstance(source, LabelSource) and not source.spec.trainable:
         raise LabelError(
             f"{source.name!r} holds image-level labels (kind {source.kind}); train on pseudo-masks made from them "
             "(SEAM/EPS/IRN output, kind = mask) instead"
         )
-    train_path = _train_store_path(ws, store_path, features)
+    train_path = training_store_path(ws, store_path, features)
     store = FeatureStore.open(train_path)
     num_classes = ws.num_classes if ws else 21
-    labels = ensure_labels(source, store, num_classes=num_classes, strict=strict,
-                           progress=lambda d, t: progress(f"import {source.name}", d, t, None))  # fmt: skip
+    if isinstance(source, str):
+        labels = _made_label_set(store, source)
+    else:
+        labels = ensure_labels(source, store, num_classes=num_classes, strict=strict,
+                               progress=lambda d, t: progress(f"import {source.name}", d, t, None))  # fmt: skip
     layout = ws.layout if ws else CacheLayout("cache")
-    run_dir = out or layout.new_run_dir(run_stem(source.name, cfg.head))
+    run_dir = out or layout.new_run_dir(run_stem(labels.name, cfg.head))
     with run_log(run_dir):
         log.info("training %s head on %s with labels %r (%s, %.2f%% of pixels labelled)", cfg.head, train_path,
-                 source.name, labels.kind, 100 * labels.attrs["labelled_fraction"])  # fmt: skip
+                 labels.name, labels.kind, 100 * labels.attrs["labelled_fraction"])  # fmt: skip
         result = train_head(store, labels, cfg, run_dir, num_classes=num_classes,
                             progress=lambda s, t, loss: progress("train", s, t, loss))  # fmt: skip
         log.info("trained %d steps over %d images in %.1f s", result.steps, result.images, result.seconds)
@@ -110,4 +141,4 @@ def train_and_evaluate(
             log.info("validation mIoU %.4f on %d images (%s)", evaluation.miou, evaluation.images, val_path)
         else:
             log.info("no validation store or ground truth; not evaluated")
-    return RunOutcome(run_dir, source.name, result, evaluation)
+    return RunOutcome(run_dir, labels.name, result, evaluation)
