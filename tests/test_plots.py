@@ -7,7 +7,9 @@ from PIL import Image
 from pipeline.cache.voc import CLASS_NAMES
 from pipeline.errors import ConfigError
 from pipeline.figures.plots import (
+    CamRow,
     FigureRow,
+    cam_figure,
     cluster_colors,
     colorize_clusters,
     confusion_figure,
@@ -109,3 +111,68 @@ def test_curve_figure(tmp_path):
     assert pixels.std() > 0
     with pytest.raises(ConfigError, match="no series"):
         curve_figure({"step": steps, "loss": []}, tmp_path / "empty.png")
+
+
+def make_cam_row(image_id: str, classes: list[int], h: int = 24, w: int = 32, with_gt: bool = True) -> CamRow:
+    rng = np.random.default_rng(len(classes))
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:h, :w]
+    cams = [
+        (c, np.clip(1.0 - np.hypot(yy - h / 2, xx - (j + 1) * w / (len(classes) + 1)) / w, 0.0, 1.0))
+        for j, c in enumerate(classes)
+    ]
+    mask = np.zeros((h, w), dtype=np.uint8)
+    for c, cam in cams:
+        mask[cam > 0.7] = c
+    mask[(np.abs(yy - h / 2) < 2) & (mask == 0)] = 255  # unlabelled
+    gt = np.where(mask == 255, 0, mask).astype(np.uint8) if with_gt else None
+    return CamRow(image_id, image, cams, mask, gt=gt)
+
+
+@pytest.mark.parametrize(("with_gt", "title"), [(True, "CAMs"), (False, None)])
+def test_cam_figure_writes_png_and_pdf_with_rows_of_different_widths(tmp_path, with_gt, title):
+    rows = [
+        make_cam_row("one", [12], with_gt=with_gt),
+        make_cam_row("three", [3, 8, 15], h=36, w=24, with_gt=with_gt),
+        make_cam_row("none", [], with_gt=False),  # an image without CAMs: blank panels only
+    ]
+    png, pdf = cam_figure(rows, tmp_path / "sub" / "cam", class_names=CLASS_NAMES, threshold=0.5, title=title, dpi=100)
+    assert (png.name, pdf.name) == ("cam.png", "cam.pdf")
+    assert pdf.read_bytes()[:4] == b"%PDF"
+    size, pixels = read_png(png)
+    # Image | 3 CAM columns (the widest row) | pseudo-mask | ground truth when any row has one, plus
+    # the legend; rows as high as the kmeans figure's (aspects 24/32, 36/24, 24/32).
+    ncols = 1 + 3 + 1 + int(with_gt)
+    height = 2 * (2.0 * 0.75 + 0.4) + (2.0 * 1.5 + 0.4) + (0.4 if title else 0.0)
+    assert size == (round((ncols * 2.0 + 1.4) * 100), round(height * 100))
+    assert pixels.std() > 0
+
+
+def test_cam_figure_pads_short_rows_with_blank_panels(tmp_path):
+    rows = [make_cam_row("a", [1, 2]), make_cam_row("b", [5])]
+    one = cam_figure(rows[1:], tmp_path / "one", dpi=50)[0]
+    two = cam_figure(rows, tmp_path / "two", dpi=50)[0]
+    assert read_png(two)[0][0] - read_png(one)[0][0] == 2.0 * 50  # one more CAM column
+    # Row b's second CAM column (centred at 3.5 panels from the left, in its row) is blank: all white.
+    size, pixels = read_png(two)
+    row_b = pixels[size[1] // 2 + 10 : size[1] - 10]
+    blank = row_b[:, round(2.0 * 50 * 2) + 10 : round(2.0 * 50 * 3) - 10]
+    assert blank.min() == 255.0
+
+
+def test_cam_figure_validates_rows(tmp_path):
+    good = make_cam_row("a", [12])
+    cam = good.cams[0][1]
+    cases = [
+        (CamRow("a", good.image, [(12, cam[:-1])], good.mask), r"CAM of class 12 is \(23, 32\), not the image's \(24, 32\)"),
+        (CamRow("a", good.image, [(12, cam * 3)], good.mask), r"CAM of class 12 must lie in \[0, 1\]"),
+        (CamRow("a", good.image, good.cams, good.mask[:, :-1]), r"pseudo-mask is \(24, 31\)"),
+        (CamRow("a", good.image, good.cams, good.mask, gt=good.mask.T), r"ground truth is \(32, 24\)"),
+        (CamRow("a", good.image[..., 0], good.cams, good.mask), r"expected \(H, W, 3\)"),
+    ]
+    for row, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            cam_figure([good, row], tmp_path / "x")
+    with pytest.raises(ConfigError, match="at least one row"):
+        cam_figure([], tmp_path / "x")
+    assert not list(tmp_path.iterdir())

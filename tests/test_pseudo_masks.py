@@ -233,3 +233,30 @@ def test_bad_inputs_are_clear_errors(made, ws):
         resolve_labels("cam", ws)
     assert resolve_labels("cam", ws, features=store.path.parent.name) == "cam"
     assert resolve_labels("cam", ws, store_path=store.path) == "cam"
+
+
+def test_figure_rows_are_at_the_original_size_and_follow_the_label_set(made, ws, tmp_path):
+    from pipeline.training.pseudo_masks import cam_figure_rows, draw_cam_figure
+
+    store, result = made
+    rows = cam_figure_rows(store, result, gt=ws.labels["gt"], n=3, seed=1)
+    assert len(rows) == 3
+    index = {image_id: i for i, image_id in enumerate(store.ids)}
+    assert [index[r.image_id] for r in rows] == sorted(index[r.image_id] for r in rows)  # store order
+    geoms = store.geometries()
+    for row in rows:
+        i, geom = index[row.image_id], geoms[index[row.image_id]]
+        assert row.image.shape == (geom.height, geom.width, 3)
+        assert [c for c, _ in row.cams] == (np.flatnonzero(result.flags[i]) + 1).tolist()
+        for _, cam in row.cams:
+            assert cam.shape == (geom.height, geom.width)
+            assert cam.min() >= 0
+            assert cam.max() <= 1
+        # the mask drawn is the label set's canvas mask brought back to the image's size
+        assert set(np.unique(row.mask)) <= set(np.unique(result.labels.masks(np.array([i]))[0]))
+        assert row.gt is not None
+        assert row.gt.shape == row.mask.shape
+    png, pdf = draw_cam_figure(store, result, tmp_path, gt=ws.labels["gt"], n=2)
+    assert png == tmp_path / "cam.png"
+    assert png.stat().st_size > 0
+    assert pdf.stat().st_size > 0

@@ -202,9 +202,12 @@ def pseudo_masks_cmd(
     them as a label set beside the store."""
     from pipeline.cache.store import FeatureStore
     from pipeline.config import PseudoMaskConfig, label_source, optional_label_source
-    from pipeline.training.pseudo_masks import make_pseudo_masks
+    from pipeline.errors import ConfigError
+    from pipeline.training.pseudo_masks import draw_cam_figure, make_pseudo_masks
     from pipeline.training.runs import training_store_path
 
+    if figure < 0:
+        raise ConfigError(f"--figure is the number of images in cam.png (0 = none), got {figure}")
     cfg = PseudoMaskConfig(labels=labels, out_labels=out_labels, threshold=threshold, band=band, kmeans=kmeans,
                            epochs=epochs, min_steps=min_steps, lr=lr, seed=seed, device=device)  # fmt: skip
     ws = Workspace.find(config)
@@ -219,11 +222,15 @@ def pseudo_masks_cmd(
                 tasks[stage] = bar.add_task(stage, total=total)
             bar.update(tasks[stage], completed=done, total=total)
 
-        result = make_pseudo_masks(store, source, cfg, num_classes=ws.num_classes if ws else 21, gt=gt_source, progress=report)
+        num_classes = ws.num_classes if ws else 21
+        result = make_pseudo_masks(store, source, cfg, num_classes=num_classes, gt=gt_source, progress=report)
     rows = [("label set", result.labels.path), ("images", result.images), ("time", f"{result.seconds:.1f} s"),
             ("threshold", f"{result.threshold:.2f} ({result.threshold_source})")]  # fmt: skip
     if result.quality:
         rows += [("mIoU vs ground truth", f"{100 * result.quality['miou']:.1f} % (labelled pixels)"),
                  ("pixels labelled", f"{100 * result.quality['coverage']:.1f} %")]  # fmt: skip
+    if figure:
+        png, pdf = draw_cam_figure(store, result, out, gt=gt_source, n=figure, seed=seed, num_classes=num_classes)
+        rows.append(("figure", f"{png} (+ {pdf.name})"))
     console.print(kv_table("pseudo-masks", rows))
     console.print(f"next: ssvt train-head --labels {out_labels}")

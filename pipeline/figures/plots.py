@@ -1,10 +1,11 @@
-"""Figures: the K-means shape-prior grid, a confusion matrix heatmap and training curves.
+"""Figures: the K-means shape-prior grid, class activation maps, a confusion matrix heatmap and training curves.
 
 Everything draws on a fresh :class:`matplotlib.figure.Figure` with an Agg canvas, so no global pyplot
 state is touched and importing this module has no side effects. Usage::
 
     row = FigureRow("2007_000032", image, {3: clusters3, 5: clusters5}, gt=mask, score={3: 0.61, 5: 0.72})
     kmeans_figure([row], [3, 5], Path("out/kmeans"), show_pca=False, show_gt=True)  # kmeans.png + .pdf
+    cam_figure([CamRow("2007_000032", image, [(1, cam)], pseudo_mask, gt=mask)], Path("out/cam"))  # cam.png + .pdf
 """
 
 from __future__ import annotations
@@ -99,15 +100,23 @@ def _show(ax: Axes, rgb: np.ndarray, title: str) -> None:
     ax.set_axis_off()
 
 
+def _class_name(c: int, class_names: Sequence[str]) -> str:
+    return class_names[c] if c < len(class_names) else str(c)
+
+
+def _legend(ax: Axes, masks: Sequence[np.ndarray], class_names: Sequence[str], void: str) -> None:
+    """A legend right of ``ax``: the VOC colour of every class in ``masks``, then 255 as ``void``."""
+    pal = palette() / 255.0
+    values = np.unique(np.concatenate([np.unique(m) for m in masks]))
+    handles = [Patch(facecolor=pal[c], edgecolor="0.3", label=_class_name(int(c), class_names)) for c in values if c != IGNORE]
+    if IGNORE in values:
+        handles.append(Patch(facecolor=pal[IGNORE], edgecolor="0.3", label=void))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=6, frameon=False)
+
+
 def _gt_panel(ax: Axes, gt: np.ndarray, class_names: Sequence[str]) -> None:
     _show(ax, palette()[gt], "ground truth")
-    pal = palette() / 255.0
-    present = [int(c) for c in np.unique(gt) if c != IGNORE]
-    names = [class_names[c] if c < len(class_names) else str(c) for c in present]
-    handles = [Patch(facecolor=pal[c], edgecolor="0.3", label=n) for c, n in zip(present, names, strict=True)]
-    if (gt == IGNORE).any():
-        handles.append(Patch(facecolor=pal[IGNORE], edgecolor="0.3", label="void"))
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=6, frameon=False)
+    _legend(ax, [gt], class_names, "void")
 
 
 def kmeans_figure(
@@ -162,6 +171,101 @@ def kmeans_figure(
         fig.savefig(path, dpi=dpi)
     logger.info("wrote %s", ", ".join(str(p) for p in paths))
     return paths
+
+
+#: CAM panels of :func:`cam_figure`: the class map as a heat map (0 blue, 1 red) over the image.
+CAM_CMAP = "jet"
+CAM_ALPHA = 0.5
+
+
+@dataclass(frozen=True)
+class CamRow:
+    """One image of the class-activation-map figure.
+
+    image: (H, W, 3) uint8. cams: (class id, (H, W) float map in [0, 1]) for each class the image is
+    labelled with. mask: (H, W) uint8 pseudo-mask, 255 = unlabelled. gt: (H, W) uint8, 255 = void, or None.
+    """
+
+    image_id: str
+    image: np.ndarray
+    cams: Sequence[tuple[int, np.ndarray]]
+    mask: np.ndarray
+    gt: np.ndarray | None = None
+
+
+def _check_cam_row(row: CamRow) -> None:
+    if row.image.ndim != 3 or row.image.shape[2] != 3:
+        raise ConfigError(f"image {row.image_id}: expected (H, W, 3), got {row.image.shape}")
+    hw = row.image.shape[:2]
+    for c, cam in row.cams:
+        if cam.shape != hw:
+            raise ConfigError(f"image {row.image_id}: CAM of class {c} is {cam.shape}, not the image's {hw}")
+        if not np.isfinite(cam).all() or cam.min() < -1e-3 or cam.max() > 1 + 1e-3:
+            raise ConfigError(f"image {row.image_id}: CAM of class {c} must lie in [0, 1], got [{cam.min()}, {cam.max()}]")
+    if row.mask.shape != hw:
+        raise ConfigError(f"image {row.image_id}: pseudo-mask is {row.mask.shape}, not the image's {hw}")
+    if row.gt is not None and row.gt.shape != hw:
+        raise ConfigError(f"image {row.image_id}: ground truth is {row.gt.shape}, not the image's {hw}")
+
+
+def _cam_panel(ax: Axes, image: np.ndarray, cam: np.ndarray, title: str, threshold: float | None) -> None:
+    _show(ax, image, title)
+    ax.imshow(cam, cmap=CAM_CMAP, vmin=0.0, vmax=1.0, alpha=CAM_ALPHA, interpolation="bilinear")
+    if threshold is not None and cam.min() < threshold < cam.max():
+        ax.contour(cam, levels=[threshold], colors="white", linewidths=0.8)
+
+
+def cam_figure(
+    rows: Sequence[CamRow],
+    out_stem: Path,
+    *,
+    class_names: Sequence[str] = CLASS_NAMES,
+    threshold: float | None = None,
+    title: str | None = None,
+    dpi: int = DPI,
+) -> tuple[Path, Path]:
+    """Draw class activation maps and pseudo-masks; write ``<out_stem>.png`` and ``<out_stem>.pdf``.
+
+    One row per image: the image, one CAM per labelled class (a ``CAM_CMAP`` heat map over the image,
+    titled with the class; with ``threshold``, a white line where the map crosses it), blank panels up
+    to the row with the most CAMs, the pseudo-mask and, when any row has one, the ground truth, then a
+    legend of the row's classes. Masks use the VOC colours; 255 (unlabelled, void) is the VOC void colour.
+    The PNG is ``(ncols * PANEL_IN + LEGEND_IN) * dpi`` wide, rows as high as :func:`kmeans_figure`'s.
+    """
+    if not rows:
+        raise ConfigError("cam_figure needs at least one row")
+    for row in rows:
+        _check_cam_row(row)
+    n_cams = max(len(row.cams) for row in rows)
+    show_gt = any(row.gt is not None for row in rows)
+    ncols = 2 + n_cams + int(show_gt)
+    row_heights = [PANEL_IN * float(np.clip(r.image.shape[0] / r.image.shape[1], 0.5, 2.0)) + TITLE_IN for r in rows]
+    fig = _new_figure(ncols * PANEL_IN + LEGEND_IN, sum(row_heights) + (TITLE_IN if title else 0.0), dpi)
+    axes = fig.subplots(len(rows), ncols, squeeze=False, height_ratios=row_heights)
+    for ax_row, row in zip(axes, rows, strict=True):
+        _show(ax_row[0], row.image, row.image_id)
+        for ax, (c, cam) in zip(ax_row[1:], row.cams, strict=False):
+            _cam_panel(ax, row.image, np.asarray(cam, dtype=np.float32), _class_name(int(c), class_names), threshold)
+        for ax in ax_row[1 + len(row.cams) : 1 + n_cams]:
+            ax.set_axis_off()
+        mask_ax = ax_row[1 + n_cams]
+        _show(mask_ax, palette()[row.mask], "pseudo-mask")
+        masks, void = [row.mask], "unlabelled"
+        if show_gt:
+            if row.gt is None:
+                ax_row[-1].set_axis_off()
+            else:
+                _show(ax_row[-1], palette()[row.gt], "ground truth")
+                masks, void = [row.mask, row.gt], "unlabelled / void"
+        _legend(ax_row[-1], masks, class_names, void)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    png, pdf = out_stem.parent / f"{out_stem.name}.png", out_stem.parent / f"{out_stem.name}.pdf"
+    for path in (png, pdf):
+        fig.savefig(path, dpi=dpi)
+    logger.info("wrote %s, %s", png, pdf)
+    return png, pdf
 
 
 def row_normalize(matrix: np.ndarray) -> np.ndarray:

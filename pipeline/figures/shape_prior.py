@@ -119,8 +119,8 @@ def _tokens(store: FeatureStore, index: int, view: int) -> np.ndarray:
     return tokens
 
 
-def _image(store: FeatureStore, index: int, geom: Geometry) -> np.ndarray:
-    """(H, W, 3) uint8 original image of store image ``index``."""
+def original_image(store: FeatureStore, index: int, geom: Geometry) -> np.ndarray:
+    """(H, W, 3) uint8 original image of store image ``index``, checked against its stored geometry."""
     if store.sources is None:
         raise StoreError(f"{store.path} does not record its image files (no 'sources'); extract it again with this ssvt")
     path = Path(store.sources[index])
@@ -238,7 +238,7 @@ def _load(store: FeatureStore, chosen: Sequence[int], cfg: KMeansVizConfig, gt: 
     data = _Inputs([store.ids[i] for i in chosen], [all_geoms[i] for i in chosen], [], [], [])
     for index, image_id, geom in zip(chosen, data.ids, data.geoms, strict=True):
         data.tokens.append(_tokens(store, index, cfg.view))
-        data.images.append(_image(store, index, geom))
+        data.images.append(original_image(store, index, geom))
         if gt is not None:
             data.masks.append(_mask(gt, image_id, geom, cfg.num_classes))
     return data

@@ -35,7 +35,8 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -47,13 +48,17 @@ from pipeline.cache.label_kinds import LabelSource
 from pipeline.cache.labels import LabelSet, ensure_labels, write_label_set
 from pipeline.cache.names import ImageStatus
 from pipeline.cache.store import FeatureStore
-from pipeline.config import PseudoMaskConfig, TrainConfig
+from pipeline.config import PseudoMaskConfig
 from pipeline.devices import fits_in_memory, pick_device
-from pipeline.errors import LabelError
+from pipeline.errors import ConfigError, LabelError
 from pipeline.figures.kmeans import cluster_image
 from pipeline.heads import SegHead, build_head
+from pipeline.resample import canvas_to_original
 from pipeline.training.metrics import ConfusionMatrix
 from pipeline.training.train import FeatureBatches, lr_lambda
+
+if TYPE_CHECKING:
+    from pipeline.figures.plots import CamRow
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +116,7 @@ def train_classifier(
     targets = torch.from_numpy(flags[indices]).to(device)
     total = max(cfg.epochs * math.ceil(len(indices) / cfg.batch_size), cfg.min_steps)
     optim = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = TrainConfig(warmup=0.05, schedule="poly")
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(schedule, total))
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(0.05, "poly", total))  # a head's default schedule
     generator = torch.Generator().manual_seed(cfg.seed)
     history: list[float] = []
     head.train()
@@ -291,3 +295,78 @@ def _threshold(
     best, mious = choose_threshold(scores_of, sample, gt, num_classes)
     log.info("threshold mIoU on %d training images: %s", len(sample), {t: round(m, 3) for t, m in mious.items()})
     return best, f"best mIoU against {gt.name!r} on {len(sample)} training images"
+
+
+#: File stem of the CAM figure in ``ssvt pseudo-masks --out``.
+CAM_FIGURE_STEM = "cam"
+
+
+def cam_figure_rows(
+    store: FeatureStore,
+    result: PseudoMaskResult,
+    *,
+    gt: LabelSource | None = None,
+    n: int = 6,
+    seed: int = 0,
+    num_classes: int = 21,
+) -> list[CamRow]:
+    """The rows of the CAM figure: ``n`` images with a foreground label drawn at random (``seed``), in
+    store order, each at its original resolution with the CAM of every labelled class, its pseudo-mask
+    and, with ``gt``, its ground truth. With ``gt``, images that have a ground-truth mask are drawn
+    (any labelled image when none has)."""
+    from pipeline.figures.plots import CamRow
+    from pipeline.figures.shape_prior import original_image
+
+    if n < 1:
+        raise ConfigError(f"the CAM figure needs at least one image, got n = {n}")
+    candidates = np.flatnonzero((store.status() == ImageStatus.OK) & result.flags.any(axis=1))
+    reader = None
+    if gt is not None:
+        gt.require_dense("the CAM figure")
+        reader = gt.reader(num_classes)
+        with_gt = np.array([i for i in candidates if reader.has_mask(store.ids[i])], dtype=np.int64)
+        if len(with_gt):
+            candidates = with_gt
+        else:
+            log.warning("no labelled image of %s has a mask in %s; the CAM figure has no ground truth", store.path, gt.path)
+    if not len(candidates):
+        raise LabelError(f"no extracted image of {store.path} has a foreground label to draw")
+    chosen = np.sort(np.random.default_rng(seed).choice(candidates, size=min(n, len(candidates)), replace=False))
+    geoms = store.geometries()
+    rows = []
+    for i, pseudo in zip(chosen, result.labels.masks(chosen), strict=True):
+        geom, image_id = geoms[i], store.ids[i]
+        foreground = np.flatnonzero(result.flags[i])
+        canvas = torch.from_numpy(to_canvas(class_maps(result.classifier, store, int(i), foreground), geom))
+        cams = canvas_to_original(canvas, geom).clamp(0.0, 1.0).numpy()
+        mask = canvas_to_original(torch.from_numpy(pseudo), geom, mode="nearest").numpy()
+        found = reader.original(image_id, geom) if reader is not None else None
+        image = original_image(store, int(i), geom)
+        row_cams = [(int(c) + 1, cam) for c, cam in zip(foreground, cams, strict=True)]
+        rows.append(CamRow(image_id, image, row_cams, mask, gt=None if found is None else found[1]))
+    return rows
+
+
+def draw_cam_figure(
+    store: FeatureStore,
+    result: PseudoMaskResult,
+    out_dir: Path,
+    *,
+    gt: LabelSource | None = None,
+    n: int = 6,
+    seed: int = 0,
+    num_classes: int = 21,
+) -> tuple[Path, Path]:
+    """Write ``out_dir/cam.png`` and ``cam.pdf``: :func:`cam_figure_rows` drawn by
+    :func:`pipeline.figures.plots.cam_figure` (the threshold as a white line on each CAM)."""
+    from pipeline.cache.voc import CLASS_NAMES
+    from pipeline.figures.plots import cam_figure
+
+    rows = cam_figure_rows(store, result, gt=gt, n=n, seed=seed, num_classes=num_classes)
+    names = CLASS_NAMES if num_classes <= len(CLASS_NAMES) else [str(c) for c in range(num_classes)]
+    random = " (random init)" if str(store.attrs.get("weights_source", "")).startswith("random") else ""
+    title = (
+        f"{store.backbone}{random} tokens, {store.size} px: class activation maps (blue 0 to red 1; white line: "
+        f"threshold {result.threshold:.2f}) and pseudo-masks {result.labels.name!r}"
+    )
+    return cam_figure(rows, out_dir / CAM_FIGURE_STEM, class_names=names, threshold=result.threshold, title=title)

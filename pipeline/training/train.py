@@ -126,15 +126,15 @@ class FeatureBatches:
         return torch.from_numpy(pos), torch.from_numpy(tokens).to(self.device, non_blocking=True)
 
 
-def lr_lambda(cfg: TrainConfig, total: int) -> Callable[[int], float]:
-    """Linear warm-up over ``cfg.warmup`` of training, then cosine or poly (power 0.9) decay."""
-    warm = int(cfg.warmup * total)
+def lr_lambda(warmup: float, schedule: str, total: int) -> Callable[[int], float]:
+    """Linear warm-up over the fraction ``warmup`` of ``total`` steps, then cosine or poly (power 0.9) decay."""
+    warm = int(warmup * total)
 
     def factor(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
         t = (step - warm) / max(1, total - warm)
-        return 0.5 * (1 + math.cos(math.pi * t)) if cfg.schedule == "cosine" else (1 - t) ** 0.9
+        return 0.5 * (1 + math.cos(math.pi * t)) if schedule == "cosine" else (1 - t) ** 0.9
 
     return factor
 
@@ -172,7 +172,7 @@ def train_head(
     steps_per_epoch = math.ceil(len(indices) / cfg.batch_size)
     total = max(cfg.epochs * steps_per_epoch, cfg.min_steps)
     optim = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg, total))
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg.warmup, cfg.schedule, total))
     generator = torch.Generator().manual_seed(cfg.seed)
     history: dict[str, list[float]] = {"step": [], "loss": [], "lr": []}
     use_flip = cfg.flip and store.n_views > 1
