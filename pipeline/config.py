@@ -234,13 +234,15 @@ class PseudoMaskConfig(ConfigDict):
             )
 
 
-#: Label sets compared by the demo, in table order (names of the toy workspace).
-DEMO_LABELS = ("gt", "scribble", "point", "eps", "seam", "vl")
+#: Label sets compared by the demo, in table order: names of the toy workspace, and ``cam``, the label
+#: set the demo makes itself from the image-level ``cls`` labels (``DemoConfig.pseudo_masks``).
+DEMO_LABELS = ("gt", "scribble", "point", "eps", "seam", "cam", "vl")
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes of the tour. The defaults take about 45 s on 2 quiet CPU cores (ViT-S/14 at 224, README)."""
+    """Sizes of the tour. The defaults took 2 min 18-24 s on 2 quiet AMD EPYC cores (ViT-S/14 at 224, random
+    init; BENCHMARKS.md, section 4), of which the ``cam`` row (``pseudo_masks`` and its head) 12 s."""
 
     n_train: int = 96
     n_val: int = 32
@@ -251,6 +253,11 @@ class DemoConfig:
     # random 1,024 pixels per image: the full-resolution loss dominates head training on a CPU.
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(lr=1e-2, epochs=1, min_steps=200, batch_size=16, pixels_per_image=1024)
+    )
+    # The image-level row: CAM pseudo-masks made from ``cls`` (its classifier trained like ``train``),
+    # written as label set ``out_labels``; made only when ``labels`` names it.
+    pseudo_masks: PseudoMaskConfig = field(
+        default_factory=lambda: PseudoMaskConfig(labels="cls", out_labels="cam", lr=1e-2, epochs=1, min_steps=200)
     )
     kmeans_images: int = 4
     seed: int = 0
@@ -378,8 +385,8 @@ def default_masks(root: Path, fmt: str) -> Path | None:
 def optional_label_source(name_or_path: str | None, workspace: Workspace | None) -> LabelSource | None:
     """Like :func:`label_source`, but None (instead of an error) when neither a workspace label source
     nor a path of that name exists: for optional ground truth."""
-    if name_or_path is None:
-        return None
+    if name_or_path is None or name_or_path.strip().lower() in ("", "none"):
+        return None  # `--gt none`: no ground truth
     known = workspace is not None and name_or_path in workspace.labels
     return label_source(name_or_path, workspace) if known or Path(name_or_path).exists() else None
 

@@ -87,3 +87,14 @@ def test_the_shipped_templates_use_only_valid_keys(tmp_path):
         ws = _workspace(tmp_path, text)
         assert ws.num_classes == 21
         assert "gt" in ws.labels
+
+
+def test_optional_ground_truth_can_be_switched_off(tmp_path):
+    from pipeline.config import optional_label_source
+
+    (tmp_path / "VOC2012" / "SegmentationClass").mkdir(parents=True)
+    ws = _workspace(tmp_path, '[dataset]\nroot = "VOC2012"\n')
+    assert optional_label_source("gt", ws) == ws.labels["gt"]
+    for off in ("none", "None", "", None):
+        assert optional_label_source(off, ws) is None
+    assert optional_label_source("missing", ws) is None

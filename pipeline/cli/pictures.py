@@ -95,8 +95,9 @@ def demo_cmd(
 
     cfg = DemoConfig()
     if quick:
-        cfg = replace(cfg, n_train=12, n_val=6, labels=("gt", "scribble", "seam"), kmeans_images=2,
-                      train=replace(cfg.train, min_steps=40, batch_size=8))  # fmt: skip
+        cfg = replace(cfg, n_train=12, n_val=6, labels=("gt", "scribble", "seam", "cam"), kmeans_images=2,
+                      train=replace(cfg.train, min_steps=40, batch_size=8),
+                      pseudo_masks=replace(cfg.pseudo_masks, min_steps=40, batch_size=8))  # fmt: skip
     with progress_bar("it/s") as bar:
         tasks: dict[str, Any] = {}
 
@@ -112,20 +113,41 @@ def demo_cmd(
 def _print_demo(result: Any) -> None:
     style = "green" if result.pretrained else "yellow"
     console.print(Text(f"features: {result.weights}", style=style))
-    table = Table("labels", "val mIoU %", "pixel acc %", "train images", "train s", title="label types compared (toy val split)",
-                  title_justify="left")  # fmt: skip
+    cam = result.pseudo_masks
+    own = {k.removeprefix("miou_"): f"{100 * v:.1f}" for k, v in result.pseudo_quality.items() if k.startswith("miou_")}
+    own["gt"] = "100"
+    if cam is not None and cam.quality:
+        own[cam.labels.name] = f"{100 * cam.quality['miou']:.1f}"
+    table = Table("labels", "val mIoU %", "own mIoU %", "pixel acc %", "images", "train s",
+                  title="label types compared (toy val split)", title_justify="left")  # fmt: skip
     for run in result.runs:
         ev = run.evaluation
+        name = f"image-level ({run.labels})" if cam is not None and run.labels == cam.labels.name else run.labels
         table.add_row(
-            run.labels,
+            name,
             f"{100 * ev.miou:.1f}",
+            own.get(run.labels, "-"),
             f"{100 * ev.pixel_accuracy:.1f}",
             str(run.train.images),
             f"{run.train.seconds:.1f}",
         )
     console.print(table)
-    quality = ", ".join(f"{k.removeprefix('miou_')} {100 * v:.1f}" for k, v in result.pseudo_quality.items())
-    console.print(f"pseudo-label quality vs ground truth (mIoU %): {quality}")
+    partial = {"vl": result.pseudo_quality.get("vl_coverage")}
+    if cam is not None and cam.quality:
+        partial[cam.labels.name] = cam.quality["coverage"]
+    shown = {run.labels for run in result.runs}
+    covered = {name: c for name, c in partial.items() if c is not None and name in shown}
+    note = "own mIoU: the training labels against ground truth on the train split"
+    if covered:
+        share = ", ".join(f"{name} {100 * c:.0f}%" for name, c in covered.items())
+        they = "they label" if len(covered) > 1 else "it labels"
+        note += f"; {' and '.join(covered)} only on the pixels {they} ({share} of the ground-truth pixels)"
+    console.print(note)
+    if cam is not None:
+        console.print(
+            f"image-level ({cam.labels.name}): CAM pseudo-masks from the image-level labels (ssvt pseudo-masks), "
+            f"made in {cam.seconds:.1f} s, threshold {cam.threshold:.2f} ({cam.threshold_source})"
+        )
     if result.kmeans.mean_scores:
         shape = ", ".join(f"K={k}: {100 * v:.1f}" for k, v in result.kmeans.mean_scores.items())
         console.print(f"K-means clusters vs objects (Hungarian mIoU %): {shape}")

@@ -179,7 +179,7 @@ def pseudo_masks_cmd(
     features: FeaturesOpt = None,
     gt: Annotated[
         str | None,
-        typer.Option(help="Ground truth of these images: chooses the threshold and measures the masks (skipped when absent)."),
+        typer.Option(help="Ground truth of these images: chooses the threshold and measures the masks (none: skip)."),
     ] = "gt",
     threshold: Annotated[
         float | None, typer.Option(help="Background threshold on max-normalised class maps. Default: chosen on --gt, else 0.3.")

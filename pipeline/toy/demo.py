@@ -3,6 +3,10 @@
 Usage: ``ssvt demo`` (or ``run_demo(Path("ssvt-demo"))``). Runs offline on a CPU in a couple of
 minutes. With real DINOv2 ViT-S/14 weights in the torch hub or HF cache it uses them; otherwise a
 seeded random initialisation, which the result says plainly.
+
+Besides the label sets of the toy workspace, the tour makes one itself: CAM pseudo-masks from the
+image-level ``cls`` labels (``ssvt pseudo-masks``, :mod:`pipeline.training.pseudo_masks`), written
+as label set ``cam`` beside the training store and trained on like the others.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from pipeline.cache.label_kinds import LabelSource
 from pipeline.cache.store import FeatureStore
 from pipeline.config import DemoConfig, ExtractConfig, KMeansVizConfig, Workspace
 from pipeline.errors import WeightsNotFoundError
@@ -21,6 +26,7 @@ from pipeline.features.data import find_images
 from pipeline.features.extract import extract, store_path
 from pipeline.figures.shape_prior import KMeansVizResult, kmeans_viz
 from pipeline.toy.dataset import make_toy
+from pipeline.training.pseudo_masks import PseudoMaskResult, make_pseudo_masks
 from pipeline.training.runs import RunOutcome, StageProgress, train_and_evaluate
 
 log = logging.getLogger(__name__)
@@ -31,12 +37,18 @@ DemoProgress = StageProgress
 
 @dataclass
 class DemoResult:
+    """pseudo_quality: the toy pseudo-labels' own mIoU against ground truth on the train split
+    (``miou_seam``, ``miou_eps``, ``miou_vl``: confident pixels only) and ``vl_coverage``.
+    pseudo_masks: the CAM pseudo-masks the demo made from image-level labels (their ``quality``:
+    ``miou`` on the pixels they label, ``coverage``), or None when ``cfg.labels`` does not name them."""
+
     out: Path
     weights: str
     pretrained: bool
     runs: list[RunOutcome]
     kmeans: KMeansVizResult
     pseudo_quality: dict[str, float]
+    pseudo_masks: PseudoMaskResult | None = None
 
 
 def _weights(model: str) -> tuple[str | None, bool]:
@@ -56,23 +68,30 @@ def run_demo(out: Path, cfg: DemoConfig | None = None, *, progress: DemoProgress
     weights, pretrained = _weights(cfg.model)
     ecfg = ExtractConfig(model=cfg.model, size=cfg.size, flip=True, weights=weights, random_init=not pretrained,
                          workers=min(2, os.cpu_count() or 1), seed=cfg.seed)  # fmt: skip
+    assert ws.train_split is not None
+    assert ws.val_split is not None
     for split in (ws.train_split, ws.val_split):
-        assert split is not None
         extract(find_images(ws.data_root, split, ws.data_format), store_path(ecfg, ws.layout, split), ecfg,
                 overwrite=True, progress=_stage(f"extract {split}", report))  # fmt: skip
+    cam = None
+    if cfg.pseudo_masks.out_labels in cfg.labels:
+        pcfg = replace(cfg.pseudo_masks, seed=cfg.seed)
+        train = FeatureStore.open(store_path(ecfg, ws.layout, ws.train_split))
+        cam = make_pseudo_masks(train, ws.label_source(pcfg.labels), pcfg, num_classes=ws.num_classes, gt=ws.labels["gt"],
+                                progress=_unlossed(pcfg.out_labels, report))  # fmt: skip
     runs = []
     for name in cfg.labels:
         tcfg = replace(cfg.train, labels=name, seed=cfg.seed)
-        runs.append(train_and_evaluate(tcfg, ws.label_source(name), ws, gt=ws.labels["gt"], out=ws.layout.run_dir(name),
+        labelled: LabelSource | str = name if cam is not None and name == cam.labels.name else ws.label_source(name)
+        runs.append(train_and_evaluate(tcfg, labelled, ws, gt=ws.labels["gt"], out=ws.layout.run_dir(name),
                                        progress=_prefixed(name, report)))  # fmt: skip
-    assert ws.val_split is not None
     val = FeatureStore.open(store_path(ecfg, ws.layout, ws.val_split))
     kcfg = KMeansVizConfig(ks=(2, 4, 6), n=cfg.kmeans_images, seed=cfg.seed, num_classes=ws.num_classes)
     figure = kmeans_viz(val, out / "kmeans", kcfg, gt=ws.labels["gt"],
                         progress=_counter("k-means figure", cfg.kmeans_images, report))  # fmt: skip
     source = weights if pretrained else f"random init of {cfg.model} (no pretrained weights in the local caches)"
-    quality = {k: float(v) for k, v in toy.summary.items() if k.startswith("miou_")}
-    return DemoResult(out, str(source), pretrained, runs, figure, quality)
+    quality = {k: float(v) for k, v in toy.summary.items() if k.startswith("miou_") or k == "vl_coverage"}
+    return DemoResult(out, str(source), pretrained, runs, figure, quality, cam)
 
 
 def _stage(stage: str, report: DemoProgress) -> Callable[[int, int], None]:
@@ -85,6 +104,15 @@ def _stage(stage: str, report: DemoProgress) -> Callable[[int, int], None]:
 def _prefixed(prefix: str, report: DemoProgress) -> DemoProgress:
     def update(stage: str, done: int, total: int, loss: float | None) -> None:
         report(f"{prefix}: {stage}", done, total, loss)
+
+    return update
+
+
+def _unlossed(prefix: str, report: DemoProgress) -> Callable[[str, int, int], None]:
+    """Progress of a step that reports no loss (pseudo-masks: classifier, class maps, masks)."""
+
+    def update(stage: str, done: int, total: int) -> None:
+        report(f"{prefix}: {stage}", done, total, None)
 
     return update
 

@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 #: Background threshold on the max-normalised CAMs when no ground truth is given to choose one.
 DEFAULT_THRESHOLD = 0.3
 #: Thresholds tried when choosing on the training split's ground truth.
-THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
+THRESHOLDS = tuple(round(float(t), 2) for t in np.arange(0.05, 0.96, 0.05))
 
 #: Called with (stage, done, total).
 Progress = Callable[[str, int, int], None]
