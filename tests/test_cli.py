@@ -248,6 +248,13 @@ def test_end_to_end_from_make_toy_to_evaluate(tmp_path, monkeypatch):
     ok(["kmeans-viz", "--k", "2,3", "--n", "2", "--out", "km"])
     assert Path("km/kmeans.png").exists()
     assert Path("km/kmeans.pdf").exists()
+    # image-level labels -> pseudo-masks -> a head trained on them
+    out = ok(["pseudo-masks", "--labels", "cls", "--min-steps", "10", "--figure", "1", "--out", "pm"]).output
+    assert "mIoU vs ground truth" in out
+    assert Path("pm/cam.png").exists()
+    assert Path("cache/vit_tiny_test-56-last-random/train.labels.cam.h5").exists()
+    assert "mIoU" in ok(["train-head", "--labels", "cam", "--min-steps", "5"]).output
+    assert json.loads(Path("runs/cam-bn-linear/config.json").read_text())["labels"]["name"] == "cam"
     # Rerunning extract resumes (nothing to do); other settings are refused with the differences named.
     assert "0 / 1" in ok(["extract", *TINY, "--flip", "--split", "val"]).output  # 0 written, 1 already done
     bad = runner.invoke(app, ["extract", *TINY, "--split", "val", "--out", "cache/vit_tiny_test-56-last-random/val.zarr"])

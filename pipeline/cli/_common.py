@@ -91,6 +91,20 @@ def progress_bar(unit: str = "img/s") -> Progress:
     )  # fmt: skip
 
 
+def stage_bars(bar: Progress, loss_label: str = "") -> Callable[..., None]:
+    """A progress callback ``(stage, done, total, loss=None)`` that draws one bar per stage, the loss
+    (after ``loss_label``) in its description when given."""
+    tasks: dict[str, Any] = {}
+
+    def report(stage: str, done: int, total: int, loss: float | None = None) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        description = stage if loss is None else f"{stage} {loss_label}{loss:.3f}"
+        bar.update(tasks[stage], completed=done, total=total, description=description)
+
+    return report
+
+
 def _update_task(bar: Progress, task: Any, done: int, total: int) -> None:
     bar.update(task, completed=done, total=total)
 

@@ -16,6 +16,7 @@ from pipeline.cli._common import (
     console,
     errors_as_one_line,
     progress_bar,
+    stage_bars,
 )  # fmt: skip
 from pipeline.config import Workspace
 from pipeline.errors import ConfigError
@@ -99,14 +100,7 @@ def demo_cmd(
                       train=replace(cfg.train, min_steps=40, batch_size=8),
                       pseudo_masks=replace(cfg.pseudo_masks, min_steps=40, batch_size=8))  # fmt: skip
     with progress_bar("it/s") as bar:
-        tasks: dict[str, Any] = {}
-
-        def report(stage: str, done: int, total: int, loss: float | None) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total, description=stage if loss is None else f"{stage} {loss:.3f}")
-
-        result = run_demo(out, cfg, progress=report)
+        result = run_demo(out, cfg, progress=stage_bars(bar))
     _print_demo(result)
 
 

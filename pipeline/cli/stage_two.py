@@ -24,6 +24,7 @@ from pipeline.cli._common import (
     errors_as_one_line,
     kv_table,
     progress_bar,
+    stage_bars,
 )  # fmt: skip
 from pipeline.config import Workspace
 from pipeline.heads import DEFAULT_HEAD, HEADS, heads_help
@@ -91,17 +92,8 @@ def train_head_cmd(
     source = resolve_labels(labels, ws, kind=label_kind, store_path=store_path, features=features)
     gt_source = optional_label_source(gt, ws)
     with progress_bar("step/s") as bar:
-        tasks: dict[str, Any] = {}
-
-        def report(stage: str, done: int, total: int, loss: float | None = None) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(
-                tasks[stage], completed=done, total=total, description=stage if loss is None else f"{stage} loss {loss:.3f}"
-            )
-
         outcome = train_and_evaluate(cfg, source, ws, store_path=store_path, val_store_path=val_store_path, gt=gt_source,
-                                     features=features, out=out, strict=strict, progress=report)  # fmt: skip
+                                     features=features, out=out, strict=strict, progress=stage_bars(bar, "loss "))  # fmt: skip
     _print_run(outcome)
 
 
@@ -215,15 +207,8 @@ def pseudo_masks_cmd(
     gt_source = optional_label_source(gt, ws)
     store = FeatureStore.open(training_store_path(ws, store_path, features))
     with progress_bar("it/s") as bar:
-        tasks: dict[str, Any] = {}
-
-        def report(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
         num_classes = ws.num_classes if ws else 21
-        result = make_pseudo_masks(store, source, cfg, num_classes=num_classes, gt=gt_source, progress=report)
+        result = make_pseudo_masks(store, source, cfg, num_classes=num_classes, gt=gt_source, progress=stage_bars(bar))
     rows = [("label set", result.labels.path), ("images", result.images), ("time", f"{result.seconds:.1f} s"),
             ("threshold", f"{result.threshold:.2f} ({result.threshold_source})")]  # fmt: skip
     if result.quality:
