@@ -14,6 +14,7 @@ never loads transformers)::
     labels = ssvt.ensure_labels(ws.label_source("eps"), store, num_classes=ws.num_classes)
     outcome = ssvt.train_and_evaluate(ssvt.TrainConfig(labels="eps"), ws.label_source("eps"), ws, gt=ws.labels["gt"])
     ssvt.evaluate(outcome.run_dir, ws.labels["gt"], flip_tta=True).miou
+    ssvt.evaluate_runs([outcome.run_dir], ws.labels["gt"], protocol="lin", workspace=ws)[0].result.miou
 """
 
 from __future__ import annotations
@@ -38,14 +39,16 @@ _API = {
     "LabelSet": "pipeline.cache.labels",
     "train_and_evaluate": "pipeline.training.runs",
     "evaluate": "pipeline.training.evaluate",
+    "evaluate_runs": "pipeline.inference.evaluate",
+    "predict": "pipeline.inference.predict",
     "kmeans_viz": "pipeline.figures.shape_prior",
     "register_head": "pipeline.heads",
     "register_label_kind": "pipeline.cache.label_kinds",
 }
 __all__ = [
     "ExtractConfig", "FeatureStore", "KMeansVizConfig", "LabelSet", "LabelSource", "TrainConfig", "Workspace", "__version__",
-    "ensure_labels", "evaluate", "extract", "find_images", "kmeans_viz", "register_head", "register_label_kind", "store_path",
-    "train_and_evaluate",
+    "ensure_labels", "evaluate", "evaluate_runs", "extract", "find_images", "kmeans_viz", "predict", "register_head",
+    "register_label_kind", "store_path", "train_and_evaluate",
 ]  # fmt: skip
 
 if TYPE_CHECKING:
@@ -57,6 +60,8 @@ if TYPE_CHECKING:
     from pipeline.features.extract import extract, store_path
     from pipeline.figures.shape_prior import kmeans_viz
     from pipeline.heads import register_head
+    from pipeline.inference.evaluate import evaluate_runs
+    from pipeline.inference.predict import predict
     from pipeline.training.evaluate import evaluate
     from pipeline.training.runs import train_and_evaluate
 

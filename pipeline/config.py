@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,29 +92,45 @@ class ExtractConfig(ConfigDict):
 
 
 SCHEDULES = ("cosine", "poly")
+#: The official DINOv2 linear segmentation recipe (mmseg ``IterBasedRunner``): 40,000 iterations,
+#: the first 1,500 of them warming up.
+OFFICIAL_ITERATIONS = 40_000
+OFFICIAL_WARMUP_ITERS = 1_500
 
 
 @dataclass(frozen=True)
 class TrainConfig(ConfigDict):
     """Settings of one ``ssvt train-head`` run (AdamW, linear warm-up, then cosine or poly decay).
 
-    Training runs ``epochs`` passes over the labelled images, or more when that is fewer than
-    ``min_steps`` optimiser steps (small datasets). ``pixels_per_image`` trains dense labels on a
-    random subset of labelled pixels per image (None: all); sparse labels always use only their
-    labelled pixels. ``flip`` uses the cached flipped view as augmentation when the store has one.
-    ``memory`` is "auto" (features in RAM or GPU memory when they fit, else streamed); "ram" and
-    "stream" force one path (tests and benchmarks; the CLI never asks the user).
+    The defaults are the official DINOv2 linear recipe: ``OFFICIAL_ITERATIONS`` optimiser steps of 16
+    images, lr 1e-3, weight decay 1e-4, poly decay with power 1, warm-up over the first 1,500 steps
+    (``warmup`` 0.0375 of 40,000). ``iterations`` gives the number of steps; ``epochs`` instead gives
+    passes over the labelled images, raised to at least ``min_steps`` steps (small datasets;
+    ``min_steps`` applies in epochs mode only). Setting both is an error; neither means the official
+    40,000 iterations. ``warmup`` is a fraction of the steps, ``warmup_iters`` (when set, it replaces
+    ``warmup``) a number of steps. The schedule follows mmcv: the decay runs over all steps, warm-up
+    included, and the linear warm-up multiplies it (:func:`pipeline.training.train.lr_lambda`).
+    ``pixels_per_image`` trains dense labels on a random subset of labelled pixels per image (None:
+    all); sparse labels always use only their labelled pixels. ``flip`` uses the cached flipped view
+    as augmentation when the store has one. ``memory`` is "auto" (features in RAM or GPU memory when
+    they fit, else streamed); "ram" and "stream" force one path (tests and benchmarks; the CLI never
+    asks the user). Run folders of older versions (``epochs`` 30, ``warmup`` 0.05, no ``iterations``,
+    ``warmup_iters`` or ``poly_power``) still load with :meth:`from_dict`; the missing keys take
+    today's defaults, so such a config reads ``poly_power`` 1.0 although those runs decayed with 0.9.
     """
 
     labels: str = "gt"
     head: str = DEFAULT_HEAD
-    epochs: int = 30
+    epochs: int | None = None
+    iterations: int | None = None
     min_steps: int = 300
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    warmup: float = 0.05
+    warmup: float = OFFICIAL_WARMUP_ITERS / OFFICIAL_ITERATIONS
+    warmup_iters: int | None = None
     schedule: str = "poly"
+    poly_power: float = 1.0
     pixels_per_image: int | None = None
     flip: bool = True
     seed: int = 0
@@ -122,18 +139,48 @@ class TrainConfig(ConfigDict):
 
     def __post_init__(self) -> None:
         check_head(self.head)
-        if self.epochs < 1 or self.batch_size < 1 or self.min_steps < 0:
-            raise ConfigError(f"epochs and batch size must be at least 1, got {self.epochs} and {self.batch_size}")
+        if self.epochs is not None and self.iterations is not None:
+            raise ConfigError(f"give epochs or iterations, not both (got epochs={self.epochs}, iterations={self.iterations})")
+        if (self.epochs is not None and self.epochs < 1) or (self.iterations is not None and self.iterations < 1):
+            raise ConfigError(f"epochs and iterations must be at least 1, got {self.epochs} and {self.iterations}")
+        if self.batch_size < 1 or self.min_steps < 0:
+            raise ConfigError(f"batch size must be at least 1 and min_steps 0 or more, got {self.batch_size}, {self.min_steps}")
         if self.lr <= 0 or self.weight_decay < 0:
             raise ConfigError(f"learning rate must be positive and weight decay non-negative, got {self.lr}, {self.weight_decay}")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"warm-up is a fraction of training in [0, 1), got {self.warmup}")
+        if self.warmup_iters is not None:
+            if self.warmup_iters < 0:
+                raise ConfigError(f"warmup_iters must be 0 or more, got {self.warmup_iters}")
+            if self.epochs is None:  # the number of steps is known now
+                self.warmup_steps(self.total_steps(0))
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if not self.poly_power > 0:
+            raise ConfigError(f"poly_power must be positive, got {self.poly_power}")
         if self.pixels_per_image is not None and self.pixels_per_image < 1:
             raise ConfigError(f"pixels per image must be at least 1, got {self.pixels_per_image}")
         if self.memory not in ("auto", "ram", "stream"):
             raise ConfigError(f"memory must be auto, ram or stream, got {self.memory!r}")
+
+    def total_steps(self, n_images: int) -> int:
+        """Optimiser steps of a run on ``n_images`` labelled images: ``iterations`` (default
+        ``OFFICIAL_ITERATIONS``), or ``epochs`` passes of ``batch_size`` images but at least ``min_steps``."""
+        if self.epochs is None:
+            return OFFICIAL_ITERATIONS if self.iterations is None else self.iterations
+        return max(self.epochs * math.ceil(n_images / self.batch_size), self.min_steps)
+
+    def warmup_steps(self, total: int) -> int:
+        """Warm-up steps of a run of ``total`` steps: ``warmup_iters``, else the fraction ``warmup`` of
+        ``total`` (rounded down). ConfigError when ``warmup_iters`` is not below ``total``."""
+        if self.warmup_iters is None:
+            return int(self.warmup * total + 1e-9)  # float products such as 0.29 * 100 fall just below the integer
+        if self.warmup_iters >= total:
+            raise ConfigError(
+                f"warmup_iters {self.warmup_iters} must be below the number of training steps, {total}; "
+                "lower --warmup-iters or train longer"
+            )
+        return self.warmup_iters
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,17 @@ Nothing here imports a model library, so training a head never loads transformer
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
 from pipeline.errors import ConfigError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def pick_device(spec: str) -> torch.device:
@@ -57,3 +62,22 @@ def fits_in_memory(nbytes: int, device: torch.device) -> bool:
     except (ValueError, OSError):  # not on Linux: be conservative
         available = 8 * 2**30
     return nbytes < 0.5 * available
+
+
+class OomBackoff:
+    """Runs a function over a batch in chunks and halves the chunk on CUDA out-of-memory, keeping
+    the smaller chunk for later calls (the extract engine and the protocol evaluation share it)."""
+
+    def __init__(self, chunk: int) -> None:
+        self.chunk = max(1, chunk)
+
+    def __call__(self, fn: Callable[[torch.Tensor], T], batch: torch.Tensor) -> list[T]:
+        while True:
+            try:
+                return [fn(batch[i : i + self.chunk]) for i in range(0, len(batch), self.chunk)]
+            except torch.cuda.OutOfMemoryError:
+                if self.chunk == 1:
+                    raise
+                self.chunk //= 2
+                torch.cuda.empty_cache()
+                log.warning("CUDA out of memory; retrying with batches of %d", self.chunk)

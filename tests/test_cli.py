@@ -68,14 +68,16 @@ def test_train_head_flags_become_config(toy_copy, monkeypatch):
     monkeypatch.chdir(toy_copy)
     result = runner.invoke(app, ["train-head", "--labels", "eps", "--head", "mlp", "--epochs", "3", "--min-steps", "7",
                                  "--batch-size", "5", "--lr", "0.02", "--weight-decay", "0.001", "--warmup", "0.1",
-                                 "--schedule", "cosine", "--pixels-per-image", "123", "--no-flip", "--seed", "4",
+                                 "--warmup-iters", "2", "--poly-power", "0.9", "--schedule", "cosine",
+                                 "--pixels-per-image", "123", "--no-flip", "--seed", "4",
                                  "--device", "cpu", "--strict", "--out", "somewhere", "--store", "X.zarr",
                                  "--val-store", "Y.zarr", "--features", "NAME"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert len(seen["calls"]) == 1
     (cfg, source, ws), kw = seen["calls"][0]
     assert cfg == TrainConfig(labels="eps", head="mlp", epochs=3, min_steps=7, batch_size=5, lr=0.02, weight_decay=0.001,
-                              warmup=0.1, schedule="cosine", pixels_per_image=123, flip=False, seed=4, device="cpu")  # fmt: skip
+                              warmup=0.1, warmup_iters=2, poly_power=0.9, schedule="cosine", pixels_per_image=123, flip=False,
+                              seed=4, device="cpu")  # fmt: skip
     root = toy_copy.resolve()
     assert ws.file == root / "ssvt.toml"
     assert source == LabelSource("eps", "mask", root / "labels" / "pseudo_eps")
@@ -90,7 +92,7 @@ def test_train_head_flags_become_config(toy_copy, monkeypatch):
 
 
 def test_evaluate_flags_become_call(toy_copy, monkeypatch):
-    import pipeline.training.evaluate
+    import pipeline.inference.evaluate
     from pipeline.cache.label_kinds import LabelSource
 
     seen = {}
@@ -99,22 +101,51 @@ def test_evaluate_flags_become_call(toy_copy, monkeypatch):
         seen.setdefault("calls", []).append((args, kwargs))
         raise SystemExit(0)
 
-    monkeypatch.setattr(pipeline.training.evaluate, "evaluate", fake)
+    monkeypatch.setattr(pipeline.inference.evaluate, "evaluate_runs", fake)
     monkeypatch.chdir(toy_copy)
-    result = runner.invoke(app, ["evaluate", "RUN", "--store", "S.zarr", "--gt", "gt", "--flip-tta",
-                                 "--save-predictions", "P", "--device", "cpu"])  # fmt: skip
+    result = runner.invoke(app, ["evaluate", "RUN", "RUN2", "--protocol", "ms", "--store", "S.zarr", "--gt", "gt", "--flip-tta",
+                                 "--save-predictions", "P", "--device", "cpu", "--data", "D", "--weights", "W.pth",
+                                 "--batch-size", "4", "--workers", "1"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert len(seen["calls"]) == 1
-    (run, gt), kw = seen["calls"][0]
-    assert run == Path("RUN")
+    (runs, gt), kw = seen["calls"][0]
+    assert runs == [Path("RUN"), Path("RUN2")]
     assert gt == LabelSource("gt", "mask", toy_copy.resolve() / "VOC2012" / "SegmentationClass")
+    assert kw["protocol"] == "ms"
     assert kw["store_path"] == Path("S.zarr")
-    assert kw["val_split"] == "val"
+    assert kw["split"] == "val"
     assert kw["flip_tta"] is True
     assert kw["save_predictions"] == Path("P")
-    assert kw["device"] == "cpu"
+    assert (kw["device"], kw["data"], kw["weights"], kw["batch_size"], kw["workers"]) == ("cpu", Path("D"), "W.pth", 4, 1)
+    assert kw["workspace"].file.resolve() == (toy_copy / "ssvt.toml").resolve()
     assert callable(kw["progress"])
-    assert set(kw) == {"store_path", "val_split", "flip_tta", "save_predictions", "device", "progress"}
+    assert set(kw) == {"protocol", "workspace", "store_path", "data", "split", "weights", "flip_tta", "save_predictions",
+                       "device", "batch_size", "workers", "progress"}  # fmt: skip
+
+
+def test_predict_flags_become_call(toy_copy, monkeypatch, tmp_path):
+    import pipeline.inference.predict
+
+    seen = {}
+
+    def fake(run, out, **kwargs):
+        seen.update(run=run, out=out, **kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(pipeline.inference.predict, "predict", fake)
+    monkeypatch.chdir(toy_copy)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(b"")
+    result = runner.invoke(app, ["predict", "RUN", "--out", "O", "--data", str(photos), "--protocol", "ms",
+                                 "--overlay", "--probs", "--device", "cpu", "--workers", "0"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (seen["run"], seen["out"], seen["protocol"]) == (Path("RUN"), Path("O"), "ms")
+    assert [i.id for i in seen["items"]] == ["a"]
+    assert (seen["overlay"], seen["probs"], seen["device"], seen["workers"]) == (True, True, "cpu", 0)
+    bad = runner.invoke(app, ["predict", "RUN", "--out", "O"])
+    assert bad.exit_code == 1
+    assert "--data PATH" in bad.output
 
 
 def test_kmeans_viz_flags_become_config(toy_copy, monkeypatch):
@@ -233,7 +264,7 @@ def test_end_to_end_from_make_toy_to_evaluate(tmp_path, monkeypatch):
     ok(["extract", *TINY, "--flip"])
     store = Path("cache/vit_tiny_test-56-last-random/train.zarr")
     assert FeatureStore.open(store).is_complete()
-    out = ok(["train-head", "--labels", "eps", "--min-steps", "20", "--lr", "0.01"]).output
+    out = ok(["train-head", "--labels", "eps", "--epochs", "30", "--min-steps", "20", "--lr", "0.01"]).output
     assert "mIoU" in out
     assert "aeroplane" in out
     metrics = json.loads(Path("runs/eps-bn-linear/metrics.json").read_text())
@@ -241,6 +272,13 @@ def test_end_to_end_from_make_toy_to_evaluate(tmp_path, monkeypatch):
     out = ok(["evaluate", "runs/eps-bn-linear", "--flip-tta", "--save-predictions", "pred"]).output
     assert "flip TTA" in out
     assert len(list(Path("pred").glob("*.png"))) == 4
+    assert Path("runs/eps-bn-linear/worst.png").exists()
+    out = ok(["evaluate", "runs/eps-bn-linear", "--protocol", "lin", "--workers", "0"]).output
+    assert "metrics.lin.json" in out
+    assert json.loads(Path("runs/eps-bn-linear/metrics.lin.json").read_text())["settings"]["stride"] == 341
+    ok(["predict", "runs/eps-bn-linear", "--split", "val", "--out", "preds", "--overlay", "--workers", "0"])
+    assert len(list(Path("preds").glob("*.png"))) == 4
+    assert len(list(Path("preds/overlay").glob("*.png"))) == 4
     out = ok(["info", str(store)]).output
     assert "vit_tiny_test" in out
     assert "eps" in out
@@ -253,7 +291,7 @@ def test_end_to_end_from_make_toy_to_evaluate(tmp_path, monkeypatch):
     assert "mIoU vs ground truth" in out
     assert Path("pm/cam.png").exists()
     assert Path("cache/vit_tiny_test-56-last-random/train.labels.cam.h5").exists()
-    assert "mIoU" in ok(["train-head", "--labels", "cam", "--min-steps", "5"]).output
+    assert "mIoU" in ok(["train-head", "--labels", "cam", "--epochs", "30", "--min-steps", "5"]).output
     assert json.loads(Path("runs/cam-bn-linear/config.json").read_text())["labels"]["name"] == "cam"
     # Rerunning extract resumes (nothing to do); other settings are refused with the differences named.
     assert "0 / 1" in ok(["extract", *TINY, "--flip", "--split", "val"]).output  # 0 written, 1 already done

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.config import ExtractConfig, TrainConfig, Workspace
+from pipeline.config import OFFICIAL_ITERATIONS, ExtractConfig, TrainConfig, Workspace
 from pipeline.errors import ConfigError
 from pipeline.features.data import find_images
 
@@ -57,6 +57,51 @@ def test_bad_workspace_and_config_values_are_named(tmp_path):
     assert ExtractConfig.from_dict(ExtractConfig(flip=True).to_dict()) == ExtractConfig(flip=True)
     with pytest.raises(ConfigError, match="unknown TrainConfig keys"):
         TrainConfig.from_dict({"lr": 1e-3, "momentum": 0.9})
+
+
+def test_training_length_defaults_to_the_official_iterations_or_follows_epochs():
+    official = TrainConfig()
+    assert (official.epochs, official.iterations, official.poly_power) == (None, None, 1.0)
+    assert official.total_steps(1464) == official.total_steps(10) == OFFICIAL_ITERATIONS == 40_000
+    assert official.warmup_steps(40_000) == 1500  # the official warmup_iters
+    assert TrainConfig(iterations=100, min_steps=300).total_steps(1464) == 100  # min_steps is for epochs only
+    assert TrainConfig(epochs=2, min_steps=0).total_steps(100) == 2 * 7  # ceil(100 / 16) steps per pass
+    assert TrainConfig(epochs=1, min_steps=300).total_steps(100) == 300
+    assert TrainConfig(iterations=100, warmup=0.29).warmup_steps(100) == 29
+    assert TrainConfig(iterations=100, warmup=0.5, warmup_iters=15).warmup_steps(100) == 15  # replaces the fraction
+    assert TrainConfig(iterations=100, warmup_iters=0).warmup_steps(100) == 0
+
+
+def test_bad_training_length_and_schedule_values_are_named():
+    with pytest.raises(ConfigError, match=r"epochs or iterations, not both \(got epochs=3, iterations=500\)"):
+        TrainConfig(epochs=3, iterations=500)
+    with pytest.raises(ConfigError, match="at least 1, got None and 0"):
+        TrainConfig(iterations=0)
+    with pytest.raises(ConfigError, match="warmup_iters 100 must be below the number of training steps, 100"):
+        TrainConfig(iterations=100, warmup_iters=100)
+    with pytest.raises(ConfigError, match="warmup_iters 40000 must be below the number of training steps, 40000"):
+        TrainConfig(warmup_iters=40_000)
+    epochs = TrainConfig(epochs=1, min_steps=0, warmup_iters=10)  # the number of steps is known only at training time
+    assert epochs.warmup_steps(epochs.total_steps(200)) == 10
+    with pytest.raises(ConfigError, match="warmup_iters 10 must be below the number of training steps, 7"):
+        epochs.warmup_steps(epochs.total_steps(100))
+    with pytest.raises(ConfigError, match="warmup_iters must be 0 or more, got -1"):
+        TrainConfig(warmup_iters=-1)
+    for power in (0.0, -1.0):
+        with pytest.raises(ConfigError, match="poly_power must be positive"):
+            TrainConfig(poly_power=power)
+
+
+def test_train_config_written_by_an_older_version_still_loads():
+    """Run folders before the official recipe stored 30 epochs, a 5 % warm-up and no iterations keys."""
+    old = {"labels": "eps", "head": "bn-linear", "epochs": 30, "min_steps": 300, "batch_size": 16, "lr": 0.001,
+           "weight_decay": 0.0001, "warmup": 0.05, "schedule": "poly", "pixels_per_image": None, "flip": True, "seed": 0,
+           "device": "auto", "memory": "auto"}  # fmt: skip
+    cfg = TrainConfig.from_dict(old)
+    assert (cfg.epochs, cfg.iterations, cfg.warmup_iters) == (30, None, None)
+    assert cfg.total_steps(1464) == 30 * 92
+    assert cfg.warmup_steps(30 * 92) == 138
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def _workspace(tmp_path, text: str) -> Workspace:

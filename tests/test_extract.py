@@ -167,7 +167,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_results():
     forward = Forward(fake, (0,), torch.device("cpu"), flip=True, chunk=8)
     pixels = torch.randn(8, 3, 28, 28)
     tokens, cls = forward(pixels)
-    assert forward.chunk == 1  # with the flip a chunk of c images is 2c rows: only c = 1 fits under 3
+    assert forward.chunks.chunk == 1  # with the flip a chunk of c images is 2c rows: only c = 1 fits under 3
     assert tokens.shape == (8, 2, 2, 2, 4)
     assert cls.shape == (8, 2, 3)
     np.testing.assert_allclose(tokens[:, 0, :, :, 0], pixels[:, 0, ::14, ::14].numpy(), atol=1e-3)

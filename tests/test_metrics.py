@@ -11,7 +11,7 @@ import torch
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJaccardIndex
 
 from pipeline.errors import DataError, LabelError
-from pipeline.training.metrics import ConfusionMatrix
+from pipeline.training.metrics import ConfusionMatrix, Scorer
 
 K = 6
 
@@ -185,3 +185,39 @@ def test_to_dict_merge_and_from_matrix() -> None:
     assert cm.matrix.sum() == 0
     with pytest.raises(ValueError, match="class names"):
         cm.to_dict(["a"])
+
+
+def _image_miou(pred: np.ndarray, gt: np.ndarray, k: int) -> float | None:
+    """Brute force: IoU of every class in the image's ground truth or prediction (void excluded)."""
+    valid = gt != 255
+    ious = []
+    for c in range(k):
+        p, t = (pred == c) & valid, (gt == c) & valid
+        union = (p | t).sum()
+        if union:
+            ious.append((p & t).sum() / union)
+    return float(np.mean(ious)) if ious else None
+
+
+def test_scorer_per_image_miou_and_worst_images():
+    rng = np.random.default_rng(3)
+    scorer = Scorer(5, keep_worst=3)
+    expected, total = {}, ConfusionMatrix(5)
+    for i in range(12):
+        gt = rng.integers(0, 5, (9, 11)).astype(np.uint8)
+        gt[rng.random(gt.shape) < 0.2] = 255
+        pred = np.where(rng.random(gt.shape) < i / 12, rng.integers(0, 5, gt.shape), gt).astype(np.uint8)
+        pred[gt == 255] = rng.integers(0, 5)
+        expected[f"im{i}"] = _image_miou(pred, gt, 5)
+        total.update(pred, gt)
+        assert scorer.update(f"im{i}", pred, gt) == pytest.approx(expected[f"im{i}"])
+    scorer.update("void", np.zeros((4, 4), np.uint8), np.full((4, 4), 255, np.uint8))
+    assert scorer.per_image["void"] is None
+    assert scorer.per_image == pytest.approx({**expected, "void": None})
+    worst = scorer.worst()
+    lowest = sorted(expected, key=lambda k: expected[k])[:3]
+    assert [w.id for w in worst] == lowest
+    assert [w.iou for w in worst] == sorted(w.iou for w in worst)
+    assert worst[0].pred.dtype == np.uint8
+    assert worst[0].gt.shape == (9, 11)
+    np.testing.assert_array_equal(scorer.cm.matrix, total.matrix)  # the split's matrix is the sum over images

@@ -144,7 +144,7 @@ def test_fingerprint_is_the_01_hash():
 
 def test_identity_for_heads_and_differences():
     identity = StoreIdentity.from_attrs(IDENTITY)
-    assert identity.for_heads() == {k: IDENTITY[k] for k in ("backbone", "weights_sha256", "layers", "size", "grid", "channels")}
+    assert identity.for_heads() == {k: IDENTITY[k] for k in ("backbone", "weights_sha256", "layers", "channels")}
     other = StoreIdentity.from_attrs({**IDENTITY, "size": 448, "grid": [32, 32]})
     assert identity.differences(other, ours="store has", theirs="this run has") == [
         "size: store has 224, this run has 448",

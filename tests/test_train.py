@@ -2,6 +2,7 @@
 reproducible and self-describing, and evaluation lines up with the ground truth at original size."""
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,61 @@ def test_training_is_reproducible_and_streaming_matches_memory(ws, tmp_path):
     assert np.mean(stream.train.history["loss"][-3:]) < stream.train.history["loss"][0]
 
 
+def mmcv_lr(i: int, base_lr: float, total: int, warmup: int, power: float, warmup_ratio: float = 1e-6) -> float:
+    """The rate of iteration ``i`` (iterations done) under mmcv's PolyLrUpdaterHook with warmup="linear",
+    min_lr=0, by_epoch=False, written out here from mmcv's formulas, independently of ssvt."""
+    regular = (base_lr - 0.0) * (1 - i / total) ** power + 0.0
+    if i >= warmup:
+        return regular
+    k = (1 - i / warmup) * (1 - warmup_ratio)
+    return regular * (1 - k)
+
+
+@pytest.mark.parametrize("power", [1.0, 0.9])
+def test_poly_schedule_is_mmcv_poly_with_linear_warmup_at_every_step(power):
+    from pipeline.training.train import lr_lambda
+
+    total, warm, base = 100, 15, 1e-3
+    param = torch.nn.Parameter(torch.zeros(1))
+    optim = torch.optim.AdamW([param], lr=base)
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda("poly", total, warm, power))
+    used = []
+    for _ in range(total):  # the rate each optimiser step runs with, as in train_head
+        used.append(optim.param_groups[0]["lr"])
+        optim.step()
+        sched.step()
+    assert used == pytest.approx([mmcv_lr(i, base, total, warm, power) for i in range(total)], rel=1e-12, abs=0)
+    factor = lr_lambda("poly", total, warm, power)
+    assert factor(0) == pytest.approx(1e-6)  # warmup_ratio x poly(0) = 1e-6 x 1
+    assert factor(1) == pytest.approx((1 - (14 / 15) * (1 - 1e-6)) * 0.99**power)
+    assert factor(14) == pytest.approx((1 - (1 / 15) * (1 - 1e-6)) * 0.86**power)  # last warm-up step
+    assert factor(15) == pytest.approx(0.85**power)  # warm-up over: the plain poly factor
+    assert factor(99) == pytest.approx(0.01**power)
+    assert factor(100) == 0.0
+
+
+def test_cosine_schedule_decays_over_all_steps_with_the_same_warmup():
+    from pipeline.training.train import lr_lambda
+
+    factor = lr_lambda("cosine", 100, 15)
+    for i in range(101):
+        cosine = 0.5 * (1 + math.cos(math.pi * i / 100))
+        warm = 1 - (1 - i / 15) * (1 - 1e-6) if i < 15 else 1.0
+        assert factor(i) == pytest.approx(cosine * warm, rel=1e-12, abs=1e-15), i
+
+
+def test_iterations_run_exactly_that_many_steps_on_the_configured_schedule(ws, tmp_path):
+    cfg = TrainConfig(lr=2e-2, iterations=13, warmup_iters=4, poly_power=0.9, batch_size=8, flip=False)
+    out = train_and_evaluate(cfg, ws.labels["gt"], ws, out=tmp_path / "run")
+    images = out.train.images
+    assert out.train.steps == 13
+    assert out.train.epochs == math.ceil(13 / math.ceil(images / 8))  # passes made, the last one cut short
+    assert out.train.history["lr"] == pytest.approx([mmcv_lr(i, 2e-2, 13, 4, 0.9) for i in range(13)], rel=1e-9)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert TrainConfig.from_dict(saved["train"]) == cfg
+    assert saved["result"]["steps"] == 13
+
+
 @pytest.mark.parametrize("name", ["scribble", "point", "seam", "vl"])
 def test_every_label_type_trains(ws, tmp_path, name):
     out = train_and_evaluate(FAST, ws.label_source(name), ws, gt=ws.labels["gt"], out=tmp_path / name)
@@ -112,9 +168,9 @@ def test_flip_tta_and_store_mismatch(ws, tmp_path):
     assert tta.flip_tta
     assert tta.miou != plain.miou
     assert tta.miou > constant_miou(ws)
-    other = ExtractConfig(model="vit_tiny_test", random_init=True, size=56, workers=0)
+    other = ExtractConfig(model="vit_tiny_test", random_init=True, size=56, workers=0, seed=1)
     extract(find_images(ws.data_root, "val"), tmp_path / "other.zarr", other)
-    with pytest.raises(StoreMismatchError, match=r"size: run has 112, store has 56"):
+    with pytest.raises(StoreMismatchError, match=r"weights_sha256: run has '[0-9a-f]+', store has '[0-9a-f]+'"):
         evaluate(tmp_path / "run", ws.labels["gt"], store_path=tmp_path / "other.zarr")
     head, _ = load_run(tmp_path / "run")
     with pytest.raises(ConfigError, match="no flipped view"):

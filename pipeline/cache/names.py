@@ -160,6 +160,24 @@ class RunFiles:
     def is_run(self) -> bool:
         return self.config.is_file()
 
+    def metrics_for(self, protocol: str) -> Path:
+        """metrics.json for the cached proxy ("cache"), metrics.<protocol>.json for lin and ms."""
+        return self._for(self.metrics, protocol)
+
+    def confusion_for(self, protocol: str) -> Path:
+        return self._for(self.confusion, protocol)
+
+    def confusion_figure_for(self, protocol: str) -> Path:
+        return self._for(self.confusion_figure, protocol)
+
+    def worst_for(self, protocol: str) -> Path:
+        """worst.png: the images with the lowest mIoU (worst.<protocol>.png for lin and ms)."""
+        return self._for(self.dir / "worst.png", protocol)
+
+    @staticmethod
+    def _for(path: Path, protocol: str) -> Path:
+        return path if protocol == "cache" else path.with_name(f"{path.stem}.{protocol}{path.suffix}")
+
 
 # --- identity ------------------------------------------------------------------------------------
 
@@ -181,7 +199,8 @@ class StoreIdentity:
     #: set is the one ssvt 0.1 hashed, so fingerprints of existing stores stay the same).
     FINGERPRINTED = ("backbone", "weights_sha256", "layers", "size", "views")
     #: What a trained head depends on: views and images may differ between its training and test stores.
-    FOR_HEADS = ("backbone", "weights_sha256", "layers", "size", "grid", "channels")
+    #: Heads are fully convolutional on the token grid, so size and grid may differ too.
+    FOR_HEADS = ("backbone", "weights_sha256", "layers", "channels")
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> StoreIdentity:

@@ -90,7 +90,8 @@ def extract_cmd(
         ),
     ] = 448,
     layers: Annotated[
-        str, typer.Option(help="Blocks to cache: last, last4 (the '+ms' recipe, concatenated) or indices like 8,9,10,11.")
+        str,
+        typer.Option(help="Blocks to cache: last, last4 (concatenated as DINOv2's '+ms' head reads them) or indices: 8,9,10,11"),
     ] = "last",
     flip: Annotated[
         bool, typer.Option(help="Also cache the horizontally flipped view (training augmentation, flip test-time augmentation).")

@@ -1,8 +1,7 @@
-"""``ssvt train-head`` and ``ssvt evaluate``."""
+"""``ssvt train-head`` and ``ssvt pseudo-masks`` (``ssvt evaluate`` and ``ssvt predict``: :mod:`pipeline.cli.evaluation`)."""
 
 from __future__ import annotations
 
-import functools
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,12 +11,10 @@ from rich.table import Table
 from rich.text import Text
 
 from pipeline.cache.label_kinds import LABEL_KINDS, kinds_help
-from pipeline.cache.names import RunFiles
 from pipeline.cli._common import (
     ConfigOpt,
     DeviceOpt,
     FeaturesOpt,
-    _update_task,
     app,
     console,
     err_console,
@@ -60,13 +57,25 @@ def train_head_cmd(
     gt: Annotated[str, typer.Option(help="Ground truth for the final evaluation: a label source name or a mask folder.")] = "gt",
     features: FeaturesOpt = None,
     out: Annotated[Path | None, typer.Option(help="Run folder. Default: <runs>/<labels>-<head>[-n].")] = None,
-    epochs: Annotated[int, typer.Option(help="Passes over the labelled training images.")] = 30,
-    min_steps: Annotated[int, typer.Option(help="Train at least this many steps (more epochs on small datasets).")] = 300,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 16,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-4,
-    warmup: Annotated[float, typer.Option(help="Fraction of the steps spent warming the learning rate up.")] = 0.05,
-    schedule: Annotated[Schedule, typer.Option(help="Learning-rate decay after warm-up.")] = Schedule.poly,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the labelled images; alternative to --iterations.")] = None,
+    iterations: Annotated[
+        int | None, typer.Option(help="Optimiser steps. Default: 40,000 as the official config, unless --epochs is given.")
+    ] = None,
+    min_steps: Annotated[
+        int, typer.Option(help="With --epochs: train at least this many steps (more epochs on small datasets).")
+    ] = 300,
+    batch_size: Annotated[int, typer.Option(help="Images per step (official: 16).")] = 16,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (official: 1e-3).")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (official: 1e-4).")] = 1e-4,
+    warmup: Annotated[
+        float,
+        typer.Option(help="Fraction of the steps spent warming the learning rate up (official: 1,500 of 40,000 = 0.0375)."),
+    ] = 0.0375,
+    warmup_iters: Annotated[
+        int | None, typer.Option(help="Warm-up steps instead of --warmup (official: 1,500).", metavar="N")
+    ] = None,
+    schedule: Annotated[Schedule, typer.Option(help="Learning-rate decay over all steps (official: poly).")] = Schedule.poly,
+    poly_power: Annotated[float, typer.Option(help="Power of the poly decay (official: 1.0).")] = 1.0,
     pixels_per_image: Annotated[
         int | None, typer.Option(help="Dense labels: train on this many random labelled pixels per image (default: all).")
     ] = None,
@@ -84,9 +93,9 @@ def train_head_cmd(
     from pipeline.training.runs import resolve_labels, train_and_evaluate
 
     cfg = TrainConfig(
-        labels=labels, head=head, epochs=epochs, min_steps=min_steps, batch_size=batch_size, lr=lr,
-        weight_decay=weight_decay, warmup=warmup,
-        schedule=schedule.value, pixels_per_image=pixels_per_image, flip=flip, seed=seed, device=device,
+        labels=labels, head=head, epochs=epochs, iterations=iterations, min_steps=min_steps, batch_size=batch_size,
+        lr=lr, weight_decay=weight_decay, warmup=warmup, warmup_iters=warmup_iters,
+        schedule=schedule.value, poly_power=poly_power, pixels_per_image=pixels_per_image, flip=flip, seed=seed, device=device,
     )  # fmt: skip
     ws = Workspace.find(config)
     source = resolve_labels(labels, ws, kind=label_kind, store_path=store_path, features=features)
@@ -100,7 +109,7 @@ def train_head_cmd(
 def _print_run(outcome: Any) -> None:
     console.print(kv_table("train-head", [
         ("run", outcome.run_dir), ("labels", outcome.labels), ("images", outcome.train.images),
-        ("epochs / steps", f"{outcome.train.epochs} / {outcome.train.steps}"),
+        ("steps / epochs", f"{outcome.train.steps:,} / {outcome.train.epochs}"),
         ("features", "in memory" if outcome.train.in_memory else "streamed from the store"),
         ("train time", f"{outcome.train.seconds:.1f} s"),
     ]))  # fmt: skip
@@ -121,41 +130,6 @@ def _print_eval(result: Any) -> None:
     )
     if result.skipped:
         err_console.print(Text(f"{len(result.skipped)} images without ground truth or features were skipped", style="yellow"))
-
-
-@app.command("evaluate")
-@errors_as_one_line
-def evaluate_cmd(
-    run: Annotated[Path, typer.Argument(help="A train-head run folder.")],
-    store_path: Annotated[
-        Path | None,
-        typer.Option("--store", help="Validation feature store. Default: the val split next to the run's training store."),
-    ] = None,
-    gt: Annotated[str, typer.Option(help="Ground truth: a label source name from ssvt.toml or a mask folder.")] = "gt",
-    flip_tta: Annotated[bool, typer.Option(help="Average with the cached flipped view (needs extract --flip).")] = False,
-    save_predictions: Annotated[
-        Path | None, typer.Option(help="Write palette PNGs <id>.png at original resolution here.")
-    ] = None,
-    device: DeviceOpt = "auto",
-    config: ConfigOpt = None,
-) -> None:
-    """Score a trained head as papers do: one confusion matrix over the split at original resolution."""
-    from pipeline.config import label_source
-    from pipeline.training.evaluate import evaluate
-
-    ws = Workspace.find(config)
-    gt_source = label_source(gt, ws)
-    val_split = ws.val_split if ws and ws.val_split else "val"
-    with progress_bar() as bar:
-        task = bar.add_task("evaluate", total=None)
-        result = evaluate(run, gt_source, store_path=store_path, val_split=val_split, flip_tta=flip_tta,
-                          save_predictions=save_predictions, device=device,
-                          progress=functools.partial(_update_task, bar, task))  # fmt: skip
-    _print_eval(result)
-    files = RunFiles(run)
-    console.print(
-        f"wrote {files.metrics}, {files.confusion_figure}" + (f", predictions in {save_predictions}" if save_predictions else "")
-    )
 
 
 @app.command("pseudo-masks")

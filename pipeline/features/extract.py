@@ -30,7 +30,7 @@ from pipeline import __version__
 from pipeline.cache.names import CacheLayout, ImageStatus, StoreIdentity, cache_name, legacy_cache_name
 from pipeline.cache.store import FeatureStore, default_images_per_shard
 from pipeline.config import WORKSPACE_FILE, ExtractConfig, Workspace
-from pipeline.devices import autocast, pick_device, pin_memory
+from pipeline.devices import OomBackoff, autocast, pick_device, pin_memory
 from pipeline.errors import ConfigError, DataError, StoreMismatchError
 from pipeline.features.backbones import Backbone, build_backbone, get_spec, resolve_layers, resolve_weights
 from pipeline.features.data import CanvasDataset, ImageItem, find_images
@@ -226,22 +226,13 @@ class Forward:
     """The frozen backbone on a device, with the flip view and halving of the batch on CUDA OOM."""
 
     def __init__(self, backbone: Backbone, layers: tuple[int, ...], device: torch.device, flip: bool, chunk: int):
-        self.backbone, self.layers, self.device, self.flip, self.chunk = backbone.to(device), layers, device, flip, chunk
+        self.backbone, self.layers, self.device, self.flip = backbone.to(device), layers, device, flip
+        self.chunks = OomBackoff(chunk)
 
     def __call__(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """pixels (B, 3, S, S) -> tokens (B, V, h, w, C) float16 and cls (B, V, C) float16."""
-        while True:
-            try:
-                parts = [self._run(pixels[i : i + self.chunk]) for i in range(0, len(pixels), self.chunk)]
-                break
-            except torch.cuda.OutOfMemoryError:
-                if self.chunk == 1:
-                    raise
-                self.chunk //= 2
-                torch.cuda.empty_cache()
-                log.warning("CUDA out of memory; retrying with batches of %d", self.chunk)
-        tokens = np.concatenate([p[0] for p in parts])
-        return tokens, np.concatenate([p[1] for p in parts])
+        parts = self.chunks(self._run, pixels)
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     def _run(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         x = pixels.to(self.device, non_blocking=True)

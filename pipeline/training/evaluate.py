@@ -9,6 +9,8 @@ Usage::
 For each image the head's patch logits are upsampled to the canvas, the padding is removed and they
 are resized to the original H x W (bilinear), then compared with the ground-truth mask read from its
 original file (255 ignored). With ``flip_tta`` the flipped view's logits, flipped back, are averaged in.
+This is the fast cached proxy ("cache"); the official test pipelines ("lin", "ms") run the backbone
+online, see :mod:`pipeline.inference.evaluate`.
 """
 
 from __future__ import annotations
@@ -27,20 +29,26 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pipeline.cache.label_kinds import LabelSource
-from pipeline.cache.names import ImageStatus, RunFiles, StrPath, identity_differences, sibling_store
+from pipeline.cache.names import ImageStatus, RunFiles, StoreIdentity, StrPath, identity_differences, sibling_store
 from pipeline.cache.store import FeatureStore
 from pipeline.cache.voc import CLASS_NAMES, palette
 from pipeline.devices import pick_device
-from pipeline.errors import ConfigError, LabelError, StoreError, StoreMismatchError
+from pipeline.errors import ConfigError, DataError, LabelError, StoreError, StoreMismatchError
 from pipeline.heads import SegHead, head_from_config
 from pipeline.resample import canvas_to_original
-from pipeline.training.metrics import ConfusionMatrix
+from pipeline.training.metrics import Scored, Scorer
 
 log = logging.getLogger(__name__)
 
 
+#: Images shown in worst.png.
+WORST_IMAGES = 6
+
+
 @dataclass
 class EvalResult:
+    """One head's scores on one split under one protocol ("cache", "lin" or "ms")."""
+
     miou: float
     per_class_iou: dict[str, float | None]
     pixel_accuracy: float
@@ -49,6 +57,20 @@ class EvalResult:
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
     flip_tta: bool = False
+    protocol: str = "cache"
+    per_image_iou: dict[str, float | None] = field(default_factory=dict)
+    worst: list[Scored] = field(default_factory=list)
+    image_paths: dict[str, str] = field(default_factory=dict)  # of the worst images, for worst.png
+
+    @classmethod
+    def from_scorer(cls, scorer: Scorer, *, skipped: list[str], seconds: float, **extra: Any) -> EvalResult:
+        cm, names = scorer.cm, class_names(scorer.cm.num_classes)
+        iou = {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, cm.iou(), strict=True)}
+        return cls(
+            miou=float(cm.miou()), per_class_iou=iou,
+            pixel_accuracy=float(cm.pixel_accuracy()), confusion=cm.matrix.copy(), images=len(scorer.per_image),
+            skipped=skipped, seconds=seconds, per_image_iou=scorer.per_image, worst=scorer.worst(), **extra,
+        )  # fmt: skip
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -69,8 +91,9 @@ def load_run(run_dir: StrPath) -> tuple[SegHead, dict[str, Any]]:
 
 
 def check_compatible(config: dict[str, Any], store: FeatureStore) -> None:
-    """Refuse a store made with another backbone, weights, layers or geometry than the run's."""
-    trained = config["store"]["identity"]
+    """Refuse a store made with another backbone, weights or layers than the run's (heads are fully
+    convolutional, so the store's size and grid may differ from the training store's)."""
+    trained = {k: v for k, v in config["store"]["identity"].items() if k in StoreIdentity.FOR_HEADS}
     here = store.identity.for_heads()
     diffs = identity_differences(trained, here, ours="run has", theirs="store has")
     if diffs:
@@ -95,7 +118,7 @@ def score_head(
     k = head.num_classes
     dev = pick_device(device)
     head = head.to(dev)
-    cm = ConfusionMatrix(k)
+    scorer = Scorer(k, keep_worst=WORST_IMAGES)
     geoms, status, began, skipped = store.geometries(), store.status(), time.perf_counter(), []
     if save_predictions is not None:
         save_predictions.mkdir(parents=True, exist_ok=True)
@@ -112,31 +135,34 @@ def score_head(
             if found is None:
                 skipped.append(image_id)
                 continue
-            mask_path, target = found
-            pred = canvas_to_original(logits[j], geoms[index]).argmax(0)
-            bad = np.unique(target[(target >= k) & (target != 255)])
-            if bad.size:
-                raise LabelError(
-                    f"{mask_path} holds classes {bad[:5].tolist()} but the head predicts {k} classes; "
-                    "evaluate it against ground truth of the dataset it was trained for"
-                )
-            cm.update(pred.cpu().numpy(), target)
-            if save_predictions is not None:
-                _save_palette_png(pred.cpu().numpy().astype(np.uint8), save_predictions / f"{image_id}.png")
+            pred = canvas_to_original(logits[j], geoms[index]).argmax(0).to(torch.uint8).cpu().numpy()
+            score_image(scorer, image_id, pred, *found, save_predictions)
         if progress:
             progress(stop, store.n_images)
     if len(skipped) == store.n_images:
         raise LabelError(f"no ground truth in {gt.path} for any image of {store.path}; do the ids match?")
-    names = class_names(k)
-    iou = cm.iou()
-    return EvalResult(
-        miou=float(cm.miou()), per_class_iou={n: (None if np.isnan(v) else float(v)) for n, v in zip(names, iou, strict=True)},
-        pixel_accuracy=float(cm.pixel_accuracy()), confusion=cm.matrix.copy(), images=store.n_images - len(skipped),
-        skipped=skipped, seconds=time.perf_counter() - began, flip_tta=flip_tta,
-    )  # fmt: skip
+    result = EvalResult.from_scorer(scorer, skipped=skipped, seconds=time.perf_counter() - began, flip_tta=flip_tta)
+    if store.sources is not None:
+        result.image_paths = {w.id: store.sources[store.ids.index(w.id)] for w in result.worst}
+    return result
 
 
-def _save_palette_png(pred: np.ndarray, path: Path) -> None:
+def score_image(scorer: Scorer, image_id: str, pred: np.ndarray, mask_path: Path, target: np.ndarray, save: Path | None) -> None:
+    """Count one (H, W) uint8 prediction against its ground truth; optionally save it as a palette PNG."""
+    k = scorer.cm.num_classes
+    bad = np.unique(target[(target >= k) & (target != 255)])
+    if bad.size:
+        raise LabelError(
+            f"{mask_path} holds classes {bad[:5].tolist()} but the head predicts {k} classes; "
+            "evaluate it against ground truth of the dataset it was trained for"
+        )
+    scorer.update(image_id, pred, target)
+    if save is not None:
+        save_palette_png(pred, save / f"{image_id}.png")
+
+
+def save_palette_png(pred: np.ndarray, path: Path) -> None:
+    """(H, W) uint8 class ids -> a palette PNG (the VOC devkit colours; the VOC test-server format)."""
     img = Image.fromarray(pred, mode="P")
     img.putpalette(palette().flatten().tolist())
     img.save(path)
@@ -154,9 +180,7 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
     """Evaluate a run folder's head on ``store_path`` (default: split ``val_split`` beside the store it
-    was trained on) and write metrics.json, confusion.npy and confusion.png into the run folder."""
-    from pipeline.figures.plots import confusion_figure
-
+    was trained on) and write metrics.json, confusion.npy/.png and worst.png into the run folder."""
     files = RunFiles(run_dir)
     if not files.is_run():
         raise ConfigError(f"{files.dir} is not a train-head run folder (no {files.config.name})")
@@ -166,15 +190,47 @@ def evaluate(
     store = FeatureStore.open(store_path)
     check_compatible(config, store)
     result = score_head(head, store, gt, flip_tta=flip_tta, save_predictions=save_predictions, device=device, progress=progress)
-    np.save(files.confusion, result.confusion)
-    confusion_figure(result.confusion, class_names(head.num_classes), files.confusion_figure)
+    write_metrics(files, result, config, val_store=str(store.path))
+    return result
+
+
+def write_metrics(files: RunFiles, result: EvalResult, config: dict[str, Any], **extra: Any) -> None:
+    """metrics[.<protocol>].json, confusion[.<protocol>].npy/.png and worst[.<protocol>].png of a run."""
+    from pipeline.figures.plots import confusion_figure
+
+    protocol = result.protocol
+    names = class_names(result.confusion.shape[0])
+    np.save(files.confusion_for(protocol), result.confusion)
+    confusion_figure(result.confusion, names, files.confusion_figure_for(protocol))
     trained = config.get("result", {})
     metrics = {
-        "miou": result.miou, "per_class_iou": result.per_class_iou, "pixel_accuracy": result.pixel_accuracy,
-        "epochs": trained.get("epochs"), "train_seconds": trained.get("seconds"), "eval_seconds": round(result.seconds, 3),
-        "wall_time": round((trained.get("seconds") or 0) + result.seconds, 3), "images": result.images,
-        "skipped_images": len(result.skipped), "flip_tta": result.flip_tta, "labels": config["labels"]["name"],
-        "head": config["train"]["head"], "val_store": str(store.path),
+        "protocol": protocol, "miou": result.miou, "per_class_iou": result.per_class_iou,
+        "pixel_accuracy": result.pixel_accuracy, "epochs": trained.get("epochs"), "steps": trained.get("steps"),
+        "train_seconds": trained.get("seconds"),
+        "eval_seconds": round(result.seconds, 3), "wall_time": round((trained.get("seconds") or 0) + result.seconds, 3),
+        "images": result.images, "skipped_images": len(result.skipped), "flip_tta": result.flip_tta,
+        "labels": config["labels"]["name"], "head": config["train"]["head"], **extra, "per_image_iou": result.per_image_iou,
     }  # fmt: skip
-    files.metrics.write_text(json.dumps(metrics, indent=2))
-    return result
+    files.metrics_for(protocol).write_text(json.dumps(metrics, indent=2))
+    _worst_figure(files, result, names)
+
+
+def _worst_figure(files: RunFiles, result: EvalResult, names: list[str]) -> None:
+    """worst.png from the kept lowest-mIoU images whose files can still be read."""
+    from pipeline.features.data import load_rgb
+    from pipeline.figures.predictions import WorstRow, worst_figure
+
+    rows = []
+    for entry in result.worst:
+        path = result.image_paths.get(entry.id)
+        try:
+            image = np.asarray(load_rgb(Path(path))) if path else None
+        except DataError:
+            image = None
+        if image is None or image.shape[:2] != entry.gt.shape:
+            log.warning("worst.png: the image file of %s is missing or changed; left out", entry.id)
+            continue
+        rows.append(WorstRow(entry.id, image, entry.gt, entry.pred, entry.iou))
+    if rows:
+        title = f"lowest per-image mIoU ({result.protocol})"
+        worst_figure(rows, files.worst_for(result.protocol), class_names=names, title=title)

@@ -8,11 +8,17 @@ ground truth nor in the predictions); mIoU is the mean over the other classes. T
     for pred, gt in split:                         # (H, W) or (N, H, W) ints; numpy or torch
         cm.update(pred, gt)                        # gt 255 = ignored; torch stays on its device
     cm.miou(), cm.to_dict(CLASS_NAMES)
+
+    scorer = Scorer(21, keep_worst=8)              # the split's matrix, plus each image's own mIoU
+    scorer.update("2007_000033", pred, gt)         # and the 8 lowest-scoring images kept for a figure
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -129,3 +135,50 @@ class ConfusionMatrix:
             "pixels": int(self.matrix.sum()),
             "iou": {name: clean(v) for name, v in zip(names, self.iou(), strict=True)},
         }
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One image's prediction and ground truth, (H, W) uint8 each, with its own mIoU."""
+
+    id: str
+    iou: float
+    pred: np.ndarray
+    gt: np.ndarray
+
+
+class Scorer:
+    """The split's confusion matrix, each image's own mIoU, and the ``keep_worst`` lowest images.
+
+    An image's mIoU is the mean IoU over the classes in its ground truth or prediction (its own
+    confusion matrix); None when it has no labelled pixel. Only the worst few predictions are kept,
+    so memory does not grow with the split.
+    """
+
+    def __init__(self, num_classes: int, keep_worst: int = 0) -> None:
+        self.cm = ConfusionMatrix(num_classes)
+        self.per_image: dict[str, float | None] = {}
+        self.keep_worst = keep_worst
+        self._heap: list[tuple[float, int, Scored]] = []  # max-heap on IoU via negation
+        self._order = itertools.count()
+
+    def update(self, image_id: str, pred: np.ndarray | torch.Tensor, target: np.ndarray) -> float | None:
+        """Count one image; returns its mIoU."""
+        pred = pred.cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
+        one = ConfusionMatrix(self.cm.num_classes)
+        one.update(pred, target)
+        self.cm.merge(one)
+        value = one.miou() if one.matrix.sum() else float("nan")
+        iou = None if np.isnan(value) else float(value)
+        self.per_image[image_id] = iou
+        if iou is not None and self.keep_worst:
+            item = (-iou, next(self._order), Scored(image_id, iou, pred.astype(np.uint8), np.asarray(target, dtype=np.uint8)))
+            if len(self._heap) < self.keep_worst:
+                heapq.heappush(self._heap, item)
+            elif iou < -self._heap[0][0]:
+                heapq.heapreplace(self._heap, item)
+        return iou
+
+    def worst(self) -> list[Scored]:
+        """The kept images, lowest mIoU first."""
+        return [entry for _, _, entry in sorted(self._heap, key=lambda e: (-e[0], e[1]))]

@@ -116,7 +116,8 @@ def train_classifier(
     targets = torch.from_numpy(flags[indices]).to(device)
     total = max(cfg.epochs * math.ceil(len(indices) / cfg.batch_size), cfg.min_steps)
     optim = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(0.05, "poly", total))  # a head's default schedule
+    # The classifier keeps the schedule heads had before they took the official recipe: 5 % warm-up, power 0.9.
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda("poly", total, int(0.05 * total), power=0.9))
     generator = torch.Generator().manual_seed(cfg.seed)
     history: list[float] = []
     head.train()

@@ -36,12 +36,17 @@ from pipeline.training.losses import dense_loss, sparse_loss, subsampled_dense_l
 
 log = logging.getLogger(__name__)
 
+#: The warm-up's multiplier at step 0, rising linearly to 1 (the official config's ``warmup_ratio``).
+WARMUP_RATIO = 1e-6
 #: Called with (step, total steps, running loss).
 TrainProgress = Callable[[int, int, float], None]
 
 
 @dataclass
 class TrainResult:
+    """``steps`` optimiser steps made; ``epochs`` passes over the training images made, the last one
+    possibly cut short; ``history`` per step: "step", "loss" and "lr" (the rate that step used)."""
+
     run_dir: Path
     steps: int
     epochs: int
@@ -126,15 +131,21 @@ class FeatureBatches:
         return torch.from_numpy(pos), torch.from_numpy(tokens).to(self.device, non_blocking=True)
 
 
-def lr_lambda(warmup: float, schedule: str, total: int) -> Callable[[int], float]:
-    """Linear warm-up over the fraction ``warmup`` of ``total`` steps, then cosine or poly (power 0.9) decay."""
-    warm = int(warmup * total)
+def lr_lambda(
+    schedule: str, total: int, warmup: int, power: float = 1.0, warmup_ratio: float = WARMUP_RATIO
+) -> Callable[[int], float]:
+    """The learning-rate factor of step ``i`` (0-based: steps done), as mmcv's ``poly`` / ``CosineAnnealing``
+    policies with ``warmup="linear"``, ``min_lr=0``, ``by_epoch=False``: the decay runs over all ``total``
+    steps, warm-up included (poly ``(1 - i / total) ** power``, cosine ``(1 + cos(pi i / total)) / 2``),
+    and during the first ``warmup`` steps it is multiplied by ``1 - (1 - i / warmup) * (1 - warmup_ratio)``,
+    which rises linearly from ``warmup_ratio``. For ``torch.optim.lr_scheduler.LambdaLR``."""
 
     def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        t = (step - warm) / max(1, total - warm)
-        return 0.5 * (1 + math.cos(math.pi * t)) if schedule == "cosine" else (1 - t) ** 0.9
+        t = min(step / total, 1.0)  # LambdaLR asks for step == total after the last step
+        regular = 0.5 * (1 + math.cos(math.pi * t)) if schedule == "cosine" else (1 - t) ** power
+        if step < warmup:
+            return regular * (1 - (1 - step / warmup) * (1 - warmup_ratio))
+        return regular
 
     return factor
 
@@ -169,10 +180,10 @@ def train_head(
     torch.manual_seed(cfg.seed)
     head = build_head(cfg.head, store.channels, num_classes, n_layers=len(store.layers)).to(device)
     batches = FeatureBatches(store, indices, cfg.batch_size, device, in_memory)
-    steps_per_epoch = math.ceil(len(indices) / cfg.batch_size)
-    total = max(cfg.epochs * steps_per_epoch, cfg.min_steps)
+    total = cfg.total_steps(len(indices))
+    factor = lr_lambda(cfg.schedule, total, cfg.warmup_steps(total), cfg.poly_power)
     optim = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg.warmup, cfg.schedule, total))
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, factor)
     generator = torch.Generator().manual_seed(cfg.seed)
     history: dict[str, list[float]] = {"step": [], "loss": [], "lr": []}
     use_flip = cfg.flip and store.n_views > 1
@@ -192,6 +203,7 @@ def train_head(
             loss = _loss(logits, target, labels.sparse, cfg.pixels_per_image, generator)
             optim.zero_grad(set_to_none=True)
             loss.backward()
+            history["lr"].append(float(sched.get_last_lr()[0]))  # the rate this step uses
             optim.step()
             sched.step()
             step += 1
@@ -199,7 +211,6 @@ def train_head(
             running = value if math.isnan(running) else 0.9 * running + 0.1 * value
             history["step"].append(step)
             history["loss"].append(value)
-            history["lr"].append(float(sched.get_last_lr()[0]))
             if progress:
                 progress(step, total, running)
     head.eval()
@@ -237,7 +248,8 @@ def write_run(
         "train": cfg.to_dict(),
         "head": head.config,
         "num_classes": num_classes,
-        "store": {"path": str(store.path), "fingerprint": store.fingerprint(), "identity": store.identity.for_heads()},
+        "store": {"path": str(store.path), "fingerprint": store.fingerprint(), "identity": store.identity.for_heads(),
+                  "size": store.identity.size, "extract_config": store.attrs.get("extract_config")},
         "labels": {"name": labels.name, "kind": labels.kind, "path": str(labels.path), "fingerprint": labels.fingerprint},
         "result": {"steps": result.steps, "epochs": result.epochs, "images": result.images,
                    "seconds": round(result.seconds, 3), "in_memory": result.in_memory},
