@@ -6,13 +6,14 @@ import errno
 import json
 import multiprocessing as mp
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zarr
 
-from pipeline.cache.store import SCHEMA_VERSION, FeatureStore, default_images_per_shard
+from pipeline.cache.store import DIMENSION_NAMES, SCHEMA_VERSION, FeatureStore, default_images_per_shard
 from pipeline.errors import StoreError
 
 N, S, VIEWS, GRID, C, SIZE = 10, 4, ("original", "hflip"), (2, 2), 8, 28
@@ -116,11 +117,82 @@ def test_plain_zarr_reads_the_layout(full):
     np.testing.assert_array_equal(group["status"][:], status)
     np.testing.assert_array_equal(group["shard_done"][:], [1, 1, 1])
     assert group.attrs["ids"][5] == "2007_000005"
+    dims = {name: group[name].metadata.dimension_names for name in DIMENSION_NAMES}
+    assert dims == {
+        "tokens": ("image", "view", "row", "col", "channel"),
+        "cls": ("image", "view", "channel"),
+        "geometry": ("image", "geometry_field"),
+        "status": ("image",),
+        "shard_done": ("shard",),
+    }
+    coords = {"image": group.attrs["ids"], "view": list(VIEWS), "geometry_field": list(GEOMETRY_COLUMNS)}
+    for name, values in coords.items():
+        coord = group[name]
+        assert (coord.metadata.dimension_names, coord.metadata.to_dict()["data_type"]) == ((name,), "string")
+        assert coord[:].tolist() == values
     # one shard file per shard; the last one holds only its 2 images (no padding chunks)
     shard_files = sorted((path / "tokens" / "c").rglob("*"))
     sizes = [p.stat().st_size for p in shard_files if p.is_file()]
     per_image = 2 * GRID[0] * GRID[1] * C * 2
     assert sorted(sizes) == sorted([4 * per_image + 2 * 16 * 4 + 4] * 2 + [2 * per_image + 2 * 16 * 4 + 4])
+
+
+def test_xarray_opens_the_store(full):
+    """cache_layout.md, "Reading with xarray": one Dataset, the ids as a coordinate, no warning (-W error)."""
+    xr = pytest.importorskip("xarray")
+    from pipeline.cache.geometry import GEOMETRY_COLUMNS
+
+    path, _ = full
+    store = FeatureStore.open(path)
+    with xr.open_zarr(path, consolidated=False) as ds:
+        assert {name: ds[name].dims for name in DIMENSION_NAMES} == DIMENSION_NAMES
+        assert (ds.tokens.dtype, ds.cls.dtype, ds.geometry.dtype, ds.status.dtype) == (np.float16, np.float16, np.int32, np.uint8)
+        assert set(ds.coords) == {"image", "view", "geometry_field"}
+        assert ds.image.values.tolist() == store.ids
+        assert ds.view.values.tolist() == store.views
+        assert ds.geometry_field.values.tolist() == list(GEOMETRY_COLUMNS)
+        np.testing.assert_array_equal(ds.tokens.values, store.read_tokens(0, N))  # image 3 (failed) stays zeros
+        np.testing.assert_array_equal(ds.cls.values, store.read_cls())
+        np.testing.assert_array_equal(ds.geometry.values, store.geometry())
+        np.testing.assert_array_equal(ds.status.values, store.status())
+        one = ds.sel(image="2007_000005")
+        np.testing.assert_array_equal(one.tokens.sel(view="hflip").values, store.read_tokens(5, 6, view=1)[0])
+        assert int(one.geometry.sel(geometry_field="pad_left")) == store.geometry()[5, 5]
+        assert int(one.status) == store.status()[5]
+        np.testing.assert_array_equal(ds.cls.sel(image=["2007_000009", "2007_000001"]).values, store.read_cls()[[9, 1]])
+
+
+def _as_layout_without_coordinates(path: Path) -> None:
+    """Turn a store into the schema-1 layout written before the coordinate arrays existed: no
+    ``image``/``view``/``geometry_field`` arrays, and dimension names on ``tokens`` only."""
+    for name in ("image", "view", "geometry_field"):
+        shutil.rmtree(path / name)
+    for name in ("cls", "geometry", "status", "shard_done"):
+        meta = json.loads((path / name / "zarr.json").read_text())
+        del meta["dimension_names"]
+        (path / name / "zarr.json").write_text(json.dumps(meta, indent=2))
+
+
+def test_store_without_coordinates_opens_resumes_and_keeps_its_layout(tmp_path):
+    path, (tokens, cls, geometry, status) = tmp_path / "old.zarr", make_data()
+    write(create(path), (tokens, cls, geometry, status), shards=[0])
+    _as_layout_without_coordinates(path)
+    meta_before = {p: p.read_bytes() for p in path.rglob("zarr.json")}
+    resumed = FeatureStore.open(path, "r+")
+    assert (resumed.ids, resumed.missing_shards()) == ([f"2007_{i:06d}" for i in range(N)], [1, 2])
+    write(resumed, (tokens, cls, geometry, status), shards=[1, 2])
+    store = FeatureStore.open(path)
+    assert store.is_complete()
+    assert store.fingerprint() == create(tmp_path / "new.zarr").fingerprint()
+    np.testing.assert_array_equal(store.read_tokens(0, N), tokens)
+    assert store._direct is not None
+    for indices, block in store.iter_shards(shuffle_seed=3):
+        np.testing.assert_array_equal(block, tokens[indices])
+    np.testing.assert_array_equal(store.read_cls(), cls)
+    np.testing.assert_array_equal(store.geometry(), geometry)
+    np.testing.assert_array_equal(store.status(), status)
+    assert {p: p.read_bytes() for p in path.rglob("zarr.json")} == meta_before  # still the old layout
+    assert not any((path / name).exists() for name in ("image", "view", "geometry_field"))
 
 
 def test_shard_file_bytes_follow_cache_layout(full):

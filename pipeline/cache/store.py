@@ -11,6 +11,7 @@ may fill disjoint shards of one store at the same time. Usage::
         store.write_shard(shard, tokens, cls, geometry, status)   # (n, V, 32, 32, 1024) float16, ...
     for indices, tokens in FeatureStore.open(path).iter_shards(shuffle_seed=0):
         ...                                                       # tokens is a reused buffer
+    xarray.open_zarr(path, consolidated=False)                    # a Dataset, image ids as coordinate
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {"backbone": str, "layers": (lis
 _CHECKED = ("ssvt_schema", "grid", "channels", "views", "dtype", "images_per_shard", "n_images")
 _OWNED = (*_CHECKED, "ssvt_version", "created", "ids", "sources")
 _INFO_KEYS = ("weights_sha256", "weights_source", "normalization", "ssvt_schema", "ssvt_version", "created")
+# zarr v3 dimension names, shared across arrays so that xarray lines them up (cache_layout.md, "Arrays").
+# Older schema-1 stores name only those of tokens and lack the coordinate arrays; ssvt needs neither.
+DIMENSION_NAMES: dict[str, tuple[str, ...]] = {
+    "tokens": ("image", "view", "row", "col", "channel"),
+    "cls": ("image", "view", "channel"),
+    "geometry": ("image", "geometry_field"),
+    "status": ("image",),
+    "shard_done": ("shard",),
+}
 
 
 def default_images_per_shard(grid: tuple[int, int], channels: int, views: int, target_bytes: int = 128 * 2**20) -> int:
@@ -117,22 +127,30 @@ def _store_attrs(
     return {**out, **owned}
 
 
-def _create_arrays(group: zarr.Group, n: int, image_shape: tuple[int, ...], shard: int) -> None:
-    """Create every array of a new store (metadata only; no chunk is written)."""
+def _create_arrays(group: zarr.Group, ids: Sequence[str], views: Sequence[str], image_shape: tuple[int, ...], shard: int) -> None:
+    """Create every array of a new store: the data arrays as metadata only (no chunk is written), and
+    the coordinate arrays ``image``, ``view`` and ``geometry_field`` whole (one small chunk each)."""
 
-    v, c = image_shape[0], image_shape[-1]
+    n, v, c = len(ids), image_shape[0], image_shape[-1]
     common: dict[str, Any] = {"compressors": None, "fill_value": 0, "config": _ARRAY_CONFIG}
-    group.create_array(
-        "tokens", shape=(n, *image_shape), dtype="float16", chunks=(1, 1, *image_shape[1:]),
-        shards=(shard, *image_shape), dimension_names=("image", "view", "row", "col", "channel"), **common,
-    )  # fmt: skip
-    group.create_array("cls", shape=(n, v, c), dtype="float16", chunks=(shard, v, c), **common)
-    geometry = group.create_array("geometry", shape=(n, 6), dtype="int32", chunks=(shard, 6), **common)
-    geometry.attrs["columns"] = list(GEOMETRY_COLUMNS)
-    status = group.create_array("status", shape=(n,), dtype="uint8", chunks=(shard,), **common)
-    status.attrs["codes"] = {str(int(code)): code.text for code in ImageStatus}
-    n_shards = -(-n // shard)
-    group.create_array("shard_done", shape=(n_shards,), dtype="uint8", chunks=(1,), **common)
+
+    def array(name: str, shape: tuple[int, ...], dtype: str, chunks: tuple[int, ...], **kw: Any) -> zarr.Array:
+        return group.create_array(
+            name, shape=shape, dtype=dtype, chunks=chunks, dimension_names=DIMENSION_NAMES[name], **common, **kw
+        )
+
+    array("tokens", (n, *image_shape), "float16", (1, 1, *image_shape[1:]), shards=(shard, *image_shape))
+    array("cls", (n, v, c), "float16", (shard, v, c))
+    array("geometry", (n, 6), "int32", (shard, 6)).attrs["columns"] = list(GEOMETRY_COLUMNS)
+    array("status", (n,), "uint8", (shard,)).attrs["codes"] = {str(int(code)): code.text for code in ImageStatus}
+    array("shard_done", (-(-n // shard),), "uint8", (1,))
+    # "string" is zarr v3's variable-length UTF-8 type (vlen-utf8 codec); fixed-width "<U" has no v3 spec.
+    for name, values in {"image": ids, "view": views, "geometry_field": GEOMETRY_COLUMNS}.items():
+        coord = group.create_array(
+            name, shape=(len(values),), dtype="str", chunks=(len(values),), dimension_names=(name,),
+            compressors=None, config=_ARRAY_CONFIG,
+        )  # fmt: skip
+        coord[:] = np.array(list(values), dtype=object)
 
 
 class FeatureStore:
@@ -216,7 +234,7 @@ class FeatureStore:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 shutil.rmtree(tmp, ignore_errors=True)
                 group = zarr.open_group(str(tmp), mode="w-", zarr_format=3, attributes=meta)
-                _create_arrays(group, len(ids), (len(views), *grid, channels), per_shard)
+                _create_arrays(group, ids, views, (len(views), *grid, channels), per_shard)
                 os.rename(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
