@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+from pipeline.cache.datasets import DATASET_CLASSES, MASK_MAPPINGS, folder_splits
 from pipeline.cache.geometry import IGNORE, PATCH
 from pipeline.cache.label_kinds import LabelSource, guess_kind
 from pipeline.cache.names import CacheLayout
@@ -28,7 +29,7 @@ from pipeline.errors import ConfigError
 from pipeline.heads import DEFAULT_HEAD, check_head
 
 WORKSPACE_FILE = "ssvt.toml"
-DATA_FORMATS = ("voc", "folder", "list")
+DATA_FORMATS = ("voc", "folder", "list", "ade20k", "cityscapes")
 #: Default resolution of PNG figures, dots per inch.
 DPI = 150
 
@@ -114,7 +115,8 @@ class TrainConfig(ConfigDict):
     all); sparse labels always use only their labelled pixels. ``flip`` uses the cached flipped view
     as augmentation when the store has one. ``memory`` is "auto" (features in RAM or GPU memory when
     they fit, else streamed); "ram" and "stream" force one path (tests and benchmarks; the CLI never
-    asks the user). Run folders of older versions (``epochs`` 30, ``warmup`` 0.05, no ``iterations``,
+    asks the user). ``tensorboard`` also writes TensorBoard event files into the run folder (needs the
+    ``tensorboard`` package). Run folders of older versions (``epochs`` 30, ``warmup`` 0.05, no ``iterations``,
     ``warmup_iters`` or ``poly_power``) still load with :meth:`from_dict`; the missing keys take
     today's defaults, so such a config reads ``poly_power`` 1.0 although those runs decayed with 0.9.
     """
@@ -136,6 +138,7 @@ class TrainConfig(ConfigDict):
     seed: int = 0
     device: str = "auto"
     memory: str = "auto"
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
         check_head(self.head)
@@ -310,11 +313,61 @@ class DemoConfig:
     seed: int = 0
 
 
+ABLATION_AXES = ("labels", "heads", "features", "seeds")
+
+
+@dataclass(frozen=True)
+class AblateConfig(ConfigDict):
+    """Settings of one ``ssvt ablate`` grid: every label set x head x features (cache folder) x seed.
+
+    ``train`` holds the training settings shared by all cells (its labels, head and seed are set per
+    cell). ``rows`` and ``cols`` choose the table's axes; the axes left out must have one value (seeds
+    are averaged). ``features`` empty means the workspace's only cache. ``protocol`` evaluates every
+    cell with "cache" (the proxy, during training) or, afterwards and together, "lin" or "ms".
+    """
+
+    name: str = "grid"
+    labels: tuple[str, ...] = ("gt",)
+    heads: tuple[str, ...] = (DEFAULT_HEAD,)
+    features: tuple[str, ...] = ()
+    seeds: int = 1
+    rows: str = "labels"
+    cols: str = "heads"
+    protocol: str = "cache"
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        for head in self.heads:
+            check_head(head)
+        if not self.labels or not self.heads or self.seeds < 1:
+            raise ConfigError("an ablation needs at least one label set, one head and one seed")
+        if not self.name or any(c in self.name for c in "/\\"):
+            raise ConfigError(f"--name must be a plain folder name, got {self.name!r}")
+        if self.rows not in ABLATION_AXES or self.cols not in ABLATION_AXES or self.rows == self.cols:
+            axes = ", ".join(ABLATION_AXES)
+            raise ConfigError(f"--rows and --cols are two different axes of {axes}; got {self.rows}, {self.cols}")
+        sizes = {"labels": len(self.labels), "heads": len(self.heads), "features": max(1, len(self.features))}
+        mixed = [axis for axis, n in sizes.items() if n > 1 and axis not in (self.rows, self.cols)]
+        if mixed:
+            raise ConfigError(f"the table would average over {', '.join(mixed)}; make it --rows or --cols")
+        if self.protocol not in ("cache", "lin", "ms"):
+            raise ConfigError(f"protocol {self.protocol!r}; valid: cache, lin, ms")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AblateConfig:
+        data = dict(data)
+        train = data.pop("train", None)
+        for key in ("labels", "heads", "features"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data, train=TrainConfig.from_dict(train) if train else TrainConfig())
+
+
 #: The keys ``ssvt.toml`` may hold, per section (``labels.*`` is every ``[labels.NAME]`` table).
 WORKSPACE_KEYS: dict[str, tuple[str, ...]] = {
-    "dataset": ("root", "format", "splits", "train_split", "val_split", "num_classes"),
+    "dataset": ("root", "format", "splits", "train_split", "val_split", "num_classes", "classes"),
     "paths": ("cache", "runs"),
-    "labels.*": ("kind", "path", "background"),
+    "labels.*": ("kind", "path", "background", "mapping"),
 }
 
 
@@ -344,7 +397,11 @@ def _check_workspace_keys(raw: dict[str, Any], file: Path) -> None:
 class Workspace:
     """The parsed ``ssvt.toml``: dataset, cache and run folders, and named label sources.
 
-    Relative paths in the file are relative to the file's folder.
+    Relative paths in the file are relative to the file's folder. ``classes`` are the class names for
+    reports and figures: ``classes`` of [dataset] (a list, or a ``classes.txt`` with one name a line),
+    else the format's own (VOC, ADE20K, Cityscapes), else None (``class_0``, ``class_1``, ...); they
+    set ``num_classes`` when it is not given. ADE20K's splits are ``training`` and ``validation``; a
+    folder dataset without ``images/<split>/`` folders (or a list) has one split, ``train_split``.
     """
 
     file: Path
@@ -357,6 +414,7 @@ class Workspace:
     cache_dir: Path = Path("cache")
     runs_dir: Path = Path("runs")
     labels: dict[str, LabelSource] = field(default_factory=dict)
+    classes: tuple[str, ...] | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> Workspace:
@@ -385,17 +443,20 @@ class Workspace:
             if "kind" not in entry or "path" not in entry:
                 raise ConfigError(f"{path}: [labels.{name}] needs `kind` and `path`")
             bg = entry.get("background")
-            labels[name] = LabelSource(name, entry["kind"], base / entry["path"], base / bg if bg else None)
+            labels[name] = LabelSource(name, entry["kind"], base / entry["path"], base / bg if bg else None, entry.get("mapping"))
         if "gt" not in labels and (masks := default_masks(base / ds["root"], fmt)) is not None:
-            labels["gt"] = LabelSource("gt", "mask", masks)
+            labels["gt"] = LabelSource("gt", "mask", masks, mapping=fmt if fmt in MASK_MAPPINGS else None)
+        splits, train_split, val_split = _dataset_splits(ds, fmt, base / ds["root"], path)
+        classes, num_classes = _dataset_classes(ds, fmt, base, path)
         return cls(
             file=path.resolve(),
             data_root=base / ds["root"],
             data_format=fmt,
-            splits=tuple(ds.get("splits", ("train", "val"))),
-            train_split=ds.get("train_split", "train"),
-            val_split=ds.get("val_split", "val") or None,
-            num_classes=int(ds.get("num_classes", 21)),
+            splits=splits,
+            train_split=train_split,
+            val_split=val_split,
+            num_classes=num_classes,
+            classes=classes,
             cache_dir=base / paths.get("cache", "cache"),
             runs_dir=base / paths.get("runs", "runs"),
             labels=labels,
@@ -423,10 +484,63 @@ class Workspace:
 
 def default_masks(root: Path, fmt: str) -> Path | None:
     """The dataset's own ground-truth masks, used as label source ``gt`` when the workspace names none:
-    ``SegmentationClassAug/`` when present, else ``SegmentationClass/`` (VOC), or ``masks/`` beside
-    ``images/`` (folder datasets)."""
-    candidates = ("SegmentationClassAug", "SegmentationClass") if fmt == "voc" else ("masks",)
-    return next((root / c for c in candidates if (root / c).is_dir()), None)
+    ``SegmentationClassAug/`` when present, else ``SegmentationClass/`` (VOC), ``annotations/`` (ADE20K,
+    read with reduce-zero-label), ``gtFine/`` (Cityscapes trainIds, mapped from labelIds when absent),
+    or ``masks/`` beside ``images/`` (folder datasets, ``masks/<split>/`` with split folders)."""
+    candidates = {"voc": ("SegmentationClassAug", "SegmentationClass"), "ade20k": ("annotations",), "cityscapes": ("gtFine",)}
+    return next((root / c for c in candidates.get(fmt, ("masks",)) if (root / c).is_dir()), None)
+
+
+def _dataset_splits(ds: dict[str, Any], fmt: str, root: Path, file: Path) -> tuple[tuple[str, ...], str, str | None]:
+    """(splits, train_split, val_split) of [dataset]. A dataset without split folders (a list, a folder
+    with no ``images/<split>/``) has one split: naming several is an error, as they would be the same images."""
+    train_default, val_default = ("training", "validation") if fmt == "ade20k" else ("train", "val")
+    single = fmt == "list" or (fmt == "folder" and root.is_dir() and not folder_splits(root))
+    train = str(ds.get("train_split", train_default))
+    val = ds.get("val_split", None if single else val_default) or None
+    splits = tuple(ds.get("splits", (train,) if single else (train_default, val_default)))
+    named = sorted({*splits, train, *([val] if val else [])})
+    if single and len(named) > 1:
+        raise ConfigError(
+            f"{file}: [dataset] names the splits {', '.join(named)}, but {root} has no per-split folders, so every "
+            "split would be the same images; put each split's images in images/<split>/ (and masks in masks/<split>/), "
+            f'or name one split (splits = ["{train}"], no val_split)'
+        )
+    return splits, train, val
+
+
+def _dataset_classes(ds: dict[str, Any], fmt: str, base: Path, file: Path) -> tuple[tuple[str, ...] | None, int]:
+    """(class names or None, num_classes) of [dataset]: ``classes`` (a list or a classes.txt path), else
+    the format's own names; ``num_classes`` must agree with them (a VOC-layout dataset of another
+    number of classes keeps unnamed classes)."""
+    given = ds.get("classes")
+    if isinstance(given, str):
+        try:
+            names = tuple(line.strip() for line in (base / given).read_text().splitlines() if line.strip())
+        except OSError as exc:
+            raise ConfigError(f"{file}: cannot read [dataset] classes = {given!r}: {exc.strerror or exc}") from None
+    elif given is None:
+        names = DATASET_CLASSES.get(fmt, ())
+    elif isinstance(given, list) and all(isinstance(n, str) for n in given):
+        names = tuple(given)
+    else:
+        raise ConfigError(f"{file}: [dataset] classes must be a list of names or the path of a classes.txt, got {given!r}")
+    if given is not None and not names:
+        raise ConfigError(f"{file}: [dataset] classes = {given!r} names no class; one name a line, in class-id order")
+    if dupes := sorted({n for n in names if names.count(n) > 1}):
+        raise ConfigError(f"{file}: [dataset] classes repeats {dupes[:5]}; give each class its own name")
+    if "num_classes" not in ds:
+        return names or None, len(names) or 21
+    num_classes = int(ds["num_classes"])
+    if names and num_classes != len(names):
+        if given is None and fmt == "voc":
+            return None, num_classes
+        source = f"classes ({given})" if isinstance(given, str) else "classes" if given else f"format {fmt!r}"
+        raise ConfigError(
+            f"{file}: [dataset] num_classes = {num_classes} but {source} names {len(names)} classes; "
+            "drop num_classes or make them agree"
+        )
+    return names or None, num_classes
 
 
 def optional_label_source(name_or_path: str | None, workspace: Workspace | None) -> LabelSource | None:

@@ -11,11 +11,20 @@ INIT_TEMPLATE = """\
 # A VOC root (the folder holding JPEGImages/, SegmentationClass/, ImageSets/Segmentation/),
 # a folder with images/ (+ masks/) paired by file stem, or a plain folder of images.
 root = "VOCdevkit/VOC2012"
-format = "voc"                  # voc | folder | list
+format = "voc"                  # voc | folder | list | ade20k | cityscapes
 splits = ["train_aug", "val"]   # ImageSets/Segmentation/<split>.txt; `ssvt extract` caches each
 train_split = "train_aug"
 val_split = "val"
-num_classes = 21
+num_classes = 21                # follows from `classes` or the format when left out
+# classes = "classes.txt"       # names for reports and figures: a list ["road", "car"] or a file, one a line
+#
+# Other formats set their own ground truth (`gt`), class names and num_classes:
+#   format = "ade20k"       root = "ADEChallengeData2016": images/{training,validation}/*.jpg, annotations/
+#                           (0 = ignore, classes 1..150 read as 0..149); splits = ["training", "validation"]
+#   format = "cityscapes"   root = "cityscapes": leftImg8bit/<split>/<city>/*_leftImg8bit.png, gtFine/
+#                           (*_labelTrainIds.png, else *_labelIds.png mapped to the 19 trainIds)
+#   format = "folder"       images/<split>/ + masks/<split>/ for each split; a folder with images/ + masks/
+#                           only is one split: splits = ["train"] and no val_split
 
 [paths]
 cache = "cache"                 # feature stores: cache/<model>-<size>-<layers>/<split>.zarr
@@ -24,7 +33,9 @@ runs = "runs"                   # one folder per `ssvt train-head` run
 # Label sources, used by `ssvt train-head --labels NAME`. Kinds: mask (palette or single-channel PNGs,
 # 255 = ignore), rgb-mask, scribble-xml (ScribbleSup), scribble-png, points-json ("What's the Point",
 # optional `background` file), cls-labels (cls_labels.npy). Without a [labels.gt] entry, `gt` is the
-# dataset's SegmentationClassAug/ when present, else SegmentationClass/ (or masks/ for folders).
+# dataset's SegmentationClassAug/ when present, else SegmentationClass/ (or masks/ for folders,
+# annotations/ for ADE20K, gtFine/ for Cityscapes). `mapping = "ade20k"` or "cityscapes" reads a mask
+# source in that dataset's ids (ADE20K 0 = ignore; Cityscapes labelIds -> trainIds).
 [labels.gt]
 kind = "mask"
 path = "VOCdevkit/VOC2012/SegmentationClassAug"

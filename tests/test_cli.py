@@ -332,3 +332,66 @@ def test_file_system_errors_are_one_line(tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert "No space left on device" in result.output
     assert "Traceback" not in result.output
+
+
+def test_brackets_print_literally(tmp_path, monkeypatch):
+    """Rich reads [word] as markup and drops it; help texts, messages and tables keep their brackets."""
+    import typer.main
+    from rich.console import Console
+    from rich.text import Text
+
+    from pipeline.cli._common import kv_table
+
+    monkeypatch.chdir(tmp_path)
+    assert "set [dataset] root" in ok(["init"]).output
+    assert "[dataset]" in ok(["extract", "--help"]).output
+    assert "[labels.*]" in ok(["train-head", "--help"]).output
+    result = runner.invoke(app, ["info", "data[abc]/x.zarr"])
+    assert result.exit_code == 1
+    assert "data[abc]/x.zarr" in result.output
+    wide = Console(width=200, record=True)
+    wide.print(kv_table("runs[abc]", [("store", Path("data[abc]/x.zarr")), ("[key]", "data[1]/y")]))
+    table = wide.export_text()
+    assert all(s in table for s in ("runs[abc]", "data[abc]/x.zarr", "[key]", "data[1]/y")), table
+
+    def helps(command):  # every help text typer renders as rich markup, in every command
+        yield command.help or ""
+        yield from (getattr(p, "help", None) or "" for p in command.params)
+        for sub in getattr(command, "commands", {}).values():
+            yield from helps(sub)
+
+    for text in helps(typer.main.get_command(app)):
+        assert Text.from_markup(text).plain == text.replace("\\[", "["), text
+
+
+def test_version():
+    from pipeline import __version__
+
+    assert ok(["--version"]).output.strip() == f"ssvt {__version__}"
+
+
+def test_a_command_failing_early_prints_only_its_error(toy_copy, monkeypatch):
+    monkeypatch.chdir(toy_copy)
+    (toy_copy / "notarun").mkdir()
+    for args in (["evaluate", "notarun"], ["predict", "notarun", "--out", "o", "--data", "VOC2012/JPEGImages"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1
+        assert result.output.startswith("error: notarun"), result.output  # no bar, not even an empty line
+        assert len(result.output.strip().splitlines()) == 1, result.output
+    monkeypatch.setenv("SSVT_PROGRESS_EVERY", "soon")
+    result = runner.invoke(app, ["evaluate", "notarun"])
+    assert result.exit_code == 1
+    assert "SSVT_PROGRESS_EVERY" in result.output
+
+
+def test_progress_lines_when_stdout_is_not_a_terminal(toy_copy, monkeypatch):
+    monkeypatch.chdir(toy_copy)
+    monkeypatch.setenv("SSVT_PROGRESS_EVERY", "0")  # a line at every update (default: every 30 s)
+    out = ok(["extract", *TINY, "--split", "val", "--batch-size", "2", "--images-per-shard", "2"]).output
+    lines = [line for line in out.splitlines() if line.startswith("extract val: ")]
+    assert "extract val: 2/8 images (" in out
+    assert len(lines) >= 4, out
+    assert "img/s" in lines[-1]
+    assert lines[-1].startswith("extract val: 8/8 images (")
+    assert "done in" in lines[-1]
+    assert "━" not in out  # lines instead of bars in a log

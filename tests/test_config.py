@@ -143,3 +143,64 @@ def test_optional_ground_truth_can_be_switched_off(tmp_path):
     for off in ("none", "None", "", None):
         assert optional_label_source(off, ws) is None
     assert optional_label_source("missing", ws) is None
+
+
+def test_classes_name_the_classes_of_a_folder_dataset(tmp_path):
+    from pipeline.training.evaluate import class_names
+
+    (tmp_path / "classes.txt").write_text("ground\ntree\n\nsky\n")
+    ws = _workspace(tmp_path, '[dataset]\nroot = "set"\nformat = "folder"\nclasses = "classes.txt"\n')
+    assert (ws.classes, ws.num_classes) == (("ground", "tree", "sky"), 3)
+    assert class_names(ws.num_classes, ws.classes) == ["ground", "tree", "sky"]
+    assert class_names(4, ws.classes) == ["class_0", "class_1", "class_2", "class_3"]  # a head of another dataset
+    ws = _workspace(tmp_path, '[dataset]\nroot = "set"\nformat = "folder"\nclasses = ["a", "b"]\nnum_classes = 2\n')
+    assert (ws.classes, ws.num_classes) == (("a", "b"), 2)
+    with pytest.raises(ConfigError, match=r"num_classes = 4 but classes \(classes.txt\) names 3 classes"):
+        _workspace(tmp_path, '[dataset]\nroot = "set"\nclasses = "classes.txt"\nnum_classes = 4\n')
+    with pytest.raises(ConfigError, match="num_classes = 151 but format 'ade20k' names 150 classes"):
+        _workspace(tmp_path, '[dataset]\nroot = "ade"\nformat = "ade20k"\nnum_classes = 151\n')
+    with pytest.raises(ConfigError, match=r"cannot read \[dataset\] classes = 'missing\.txt'"):
+        _workspace(tmp_path, '[dataset]\nroot = "set"\nclasses = "missing.txt"\n')
+    with pytest.raises(ConfigError, match=r"classes repeats \['a'\]"):
+        _workspace(tmp_path, '[dataset]\nroot = "set"\nclasses = ["a", "b", "a"]\n')
+    with pytest.raises(ConfigError, match=r"a list of names or the path of a classes\.txt"):
+        _workspace(tmp_path, '[dataset]\nroot = "set"\nclasses = 3\n')
+    voc = _workspace(tmp_path, '[dataset]\nroot = "VOC2012"\n')
+    assert (voc.num_classes, class_names(voc.num_classes, voc.classes)[1]) == (21, "aeroplane")
+    other = _workspace(tmp_path, '[dataset]\nroot = "VOC2012"\nnum_classes = 5\n')  # a VOC layout of other classes
+    assert other.classes is None
+    assert class_names(other.num_classes, other.classes) == [f"class_{i}" for i in range(5)]
+
+
+def test_splits_that_would_be_the_same_images_are_refused(tmp_path):
+    (tmp_path / "flat" / "images").mkdir(parents=True)
+    (tmp_path / "flat" / "masks").mkdir()
+    with pytest.raises(ConfigError, match=r"splits train, val, but .*flat has no per-split folders.*images/<split>/"):
+        _workspace(tmp_path, '[dataset]\nroot = "flat"\nformat = "folder"\nsplits = ["train", "val"]\n')
+    with pytest.raises(ConfigError, match="same images"):
+        _workspace(tmp_path, '[dataset]\nroot = "flat"\nformat = "folder"\nval_split = "val"\n')
+    with pytest.raises(ConfigError, match="same images"):
+        _workspace(tmp_path, '[dataset]\nroot = "list.txt"\nformat = "list"\nsplits = ["a", "b"]\n')
+    ws = _workspace(tmp_path, '[dataset]\nroot = "flat"\nformat = "folder"\n')  # one split by default
+    assert (ws.splits, ws.train_split, ws.val_split) == (("train",), "train", None)
+    one = '[dataset]\nroot = "flat"\nformat = "folder"\nsplits = ["all"]\ntrain_split = "all"\n'
+    assert _workspace(tmp_path, one).splits == ("all",)
+    (tmp_path / "flat" / "images" / "train").mkdir()
+    (tmp_path / "flat" / "images" / "val").mkdir()
+    ws = _workspace(tmp_path, '[dataset]\nroot = "flat"\nformat = "folder"\n')
+    assert (ws.splits, ws.train_split, ws.val_split) == (("train", "val"), "train", "val")
+
+
+def test_label_sources_may_name_a_mask_mapping(tmp_path):
+    ws = _workspace(tmp_path, '[dataset]\nroot = "d"\n[labels.raw]\nkind = "mask"\npath = "ann"\nmapping = "ade20k"\n')
+    assert ws.labels["raw"].mapping == "ade20k"
+    with pytest.raises(ConfigError, match="mapping 'coco'; valid: ade20k, cityscapes"):
+        _workspace(tmp_path, '[dataset]\nroot = "d"\n[labels.raw]\nkind = "mask"\npath = "ann"\nmapping = "coco"\n')
+
+
+def test_the_init_template_documents_every_format_and_dataset_key():
+    from pipeline.config import DATA_FORMATS, WORKSPACE_KEYS
+    from pipeline.templates import INIT_TEMPLATE
+
+    for word in (*DATA_FORMATS, *WORKSPACE_KEYS["dataset"], *WORKSPACE_KEYS["labels.*"], "classes.txt", "images/<split>/"):
+        assert word in INIT_TEMPLATE, word

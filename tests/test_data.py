@@ -110,3 +110,101 @@ def test_find_images_voc_folder_and_list(tmp_path):
     assert find_images(lst)[0].path == tmp_path / "set/images/z.png"
     with pytest.raises(DataError, match="does not exist"):
         find_images(tmp_path / "nope")
+
+
+# --- ADE20K, Cityscapes and folder datasets with splits ---------------------------------------------
+
+
+def _image(path, value: int = 100):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save(Image.new("RGB", (3, 2), (value,) * 3), path)
+
+
+def _mask(path, values):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save(Image.fromarray(np.array(values, dtype=np.uint8)), path)
+
+
+def _workspace(tmp_path, dataset: str):
+    from pipeline.config import Workspace
+
+    (tmp_path / "ssvt.toml").write_text(f"[dataset]\n{dataset}\n")
+    return Workspace.load(tmp_path / "ssvt.toml")
+
+
+def test_ade20k_layout_imports_with_its_splits_mapping_and_names(tmp_path):
+    from pipeline.cache.geometry import fit_geometry
+    from pipeline.training.evaluate import class_names
+
+    root = tmp_path / "ADEChallengeData2016"
+    for split, prefix in (("training", "ADE_train"), ("validation", "ADE_val")):
+        for i in (2, 1):
+            _image(root / "images" / split / f"{prefix}_0000000{i}.jpg")
+            _mask(root / "annotations" / split / f"{prefix}_0000000{i}.png", [[0, 1, 150], [12, 13, i]])
+    ws = _workspace(tmp_path, 'root = "ADEChallengeData2016"\nformat = "ade20k"')
+    assert (ws.splits, ws.train_split, ws.val_split) == (("training", "validation"), "training", "validation")
+    train = find_images(ws.data_root, ws.train_split, ws.data_format)
+    assert [x.id for x in train] == ["ADE_train_00000001", "ADE_train_00000002"]
+    assert find_images(root, "train", "ade20k") == train  # mmseg's short split names work too
+    assert [x.id for x in find_images(root, "validation")] == ["ADE_val_00000001", "ADE_val_00000002"]  # detected
+    with pytest.raises(DataError, match="choose --split training or validation"):
+        find_images(root, "test", "ade20k")
+    gt = ws.labels["gt"]
+    assert (gt.path, gt.mapping) == (root / "annotations", "ade20k")
+    reader = gt.reader(ws.num_classes)
+    for image_id, last in (("ADE_train_00000002", 1), ("ADE_val_00000001", 0)):
+        path, mask = reader.original(image_id)
+        assert path.parent.name == ("training" if "train" in image_id else "validation")
+        assert mask.tolist() == [[255, 0, 149], [11, 12, last]]  # 0 -> ignore, k -> k - 1
+    canvas = reader.canvas("ADE_val_00000002", fit_geometry(2, 3, 14))  # what train-head imports
+    assert set(np.unique(canvas).tolist()) <= {255, 0, 1, 11, 12, 149}
+    assert ws.num_classes == 150
+    names = class_names(ws.num_classes, ws.classes)
+    assert names[:5] == ["wall", "building", "sky", "floor", "tree"]
+    assert (names[7], names[149], len(set(names))) == ("bed", "flag", 150)
+
+
+def test_cityscapes_layout_imports_with_train_ids_and_names(tmp_path):
+    from pipeline.training.evaluate import class_names
+
+    root = tmp_path / "cityscapes"
+    ids = {"train": ["aachen_000000_000019", "aachen_000001_000019", "bochum_000000_000313"], "val": ["lindau_000000_000019"]}
+    for split, names in ids.items():
+        for image_id in names:
+            city = image_id.split("_")[0]
+            _image(root / "leftImg8bit" / split / city / f"{image_id}_leftImg8bit.png")
+            _mask(root / "gtFine" / split / city / f"{image_id}_gtFine_labelIds.png", [[7, 8, 26], [0, 24, 33]])
+    # one image with its trainIds file already made (cityscapesscripts createTrainIdLabelImgs): read as is
+    _mask(root / "gtFine" / "train" / "bochum" / "bochum_000000_000313_gtFine_labelTrainIds.png", [[1, 1, 1], [2, 2, 255]])
+    ws = _workspace(tmp_path, 'root = "cityscapes"\nformat = "cityscapes"')
+    assert (ws.splits, ws.train_split, ws.val_split, ws.num_classes) == (("train", "val"), "train", "val", 19)
+    items = find_images(ws.data_root, "train", ws.data_format)
+    assert [x.id for x in items] == ids["train"]
+    assert items[2].path == root / "leftImg8bit/train/bochum/bochum_000000_000313_leftImg8bit.png"
+    assert [x.id for x in find_images(root, "val")] == ids["val"]  # detected from leftImg8bit/
+    with pytest.raises(DataError, match="splits found there: train, val"):
+        find_images(root, "test", "cityscapes")
+    reader = ws.labels["gt"].reader(ws.num_classes)
+    assert ws.labels["gt"].mapping == "cityscapes"
+    assert reader.original("lindau_000000_000019")[1].tolist() == [[0, 1, 13], [255, 11, 18]]  # road, sidewalk, car
+    assert reader.original("bochum_000000_000313")[1].tolist() == [[1, 1, 1], [2, 2, 255]]
+    assert reader.original("lindau_000000_000020") is None
+    names = class_names(ws.num_classes, ws.classes)
+    assert (names[0], names[1], names[13], names[18], len(names)) == ("road", "sidewalk", "car", "bicycle", 19)
+
+
+def test_folder_dataset_with_split_folders(tmp_path):
+    root = tmp_path / "set"
+    for split, stems in (("train", ("b", "a")), ("val", ("c",))):
+        for stem in stems:
+            _image(root / "images" / split / f"{stem}.png")
+            _mask(root / "masks" / split / f"{stem}.png", [[1, 0, 2], [0, 255, 1]])
+    assert [x.id for x in find_images(root, "train", "folder")] == ["a", "b"]
+    assert [x.id for x in find_images(root, "val")] == ["c"]
+    with pytest.raises(DataError, match=r"one folder per split \(train, val\); choose one with --split"):
+        find_images(root)
+    with pytest.raises(DataError, match="no split 'test' there"):
+        find_images(root, "test", "folder")
+    ws = _workspace(tmp_path, 'root = "set"\nformat = "folder"\nclasses = ["ground", "tree", "sky"]')
+    assert (ws.splits, ws.num_classes, ws.classes) == (("train", "val"), 3, ("ground", "tree", "sky"))
+    assert ws.labels["gt"].reader(ws.num_classes).original("c")[1].tolist() == [[1, 0, 2], [0, 255, 1]]

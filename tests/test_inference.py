@@ -185,3 +185,24 @@ def test_predict_from_the_cache_matches_evaluate_predictions(ws, runs, tmp_path)
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ConfigError, match="--store"):
         predict(runs[0], tmp_path / "x", protocol="cache")
+
+
+def test_a_workspace_class_list_names_metrics_and_predictions(ws, tmp_path):
+    import shutil
+
+    root = tmp_path / "named"
+    shutil.copytree(ws.file.parent, root, ignore=shutil.ignore_patterns("cache", "runs"))
+    names = [f"thing{i}" for i in range(21)]
+    text = (root / "ssvt.toml").read_text().replace("[dataset]", f"[dataset]\nclasses = {json.dumps(names)}", 1)
+    (root / "ssvt.toml").write_text(text)
+    named = Workspace.load(root / "ssvt.toml")
+    assert named.classes == tuple(names)
+    for split in ("train", "val"):
+        shutil.copytree(store_path(TINY, ws.layout, split), store_path(TINY, named.layout, split))
+    out = train_and_evaluate(FAST, named.labels["gt"], named, gt=named.labels["gt"], out=tmp_path / "run")
+    assert list(out.evaluation.per_class_iou) == names
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["classes"] == names
+    assert list(json.loads((tmp_path / "run" / "metrics.json").read_text())["per_class_iou"]) == names
+    predict(tmp_path / "run", tmp_path / "pred", store_path=store_path(TINY, named.layout, "val"), protocol="cache", probs=True)
+    first = FeatureStore.open(store_path(TINY, named.layout, "val")).ids[0]
+    assert load_probs(tmp_path / "pred" / "probs" / f"{first}.npz")[1] == names

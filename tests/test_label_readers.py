@@ -106,6 +106,47 @@ def test_find_mask(tmp_path: Path) -> None:
     assert find_mask(tmp_path, "c") is None
 
 
+def _save_mask(path: Path, values: list[list[int]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.array(values, dtype=np.uint8)).save(path)
+    return path
+
+
+def test_ade20k_masks_reduce_the_zero_label(tmp_path: Path) -> None:
+    """mmseg's reduce_zero_label: 0 (other) -> 255, k -> k - 1, 255 stays 255."""
+    path = _save_mask(tmp_path / "ADE_val_00000001.png", [[0, 1, 2], [150, 255, 0]])
+    assert read_mask(path, "ade20k").tolist() == [[255, 0, 1], [149, 255, 255]]
+    assert read_mask(path).tolist() == [[0, 1, 2], [150, 255, 0]]  # no mapping: as on disk
+
+
+def test_cityscapes_label_ids_become_train_ids(tmp_path: Path) -> None:
+    """Entries of cityscapesscripts' labels.py, checked by hand: road 7 -> 0, sidewalk 8 -> 1, car 26 -> 13,
+    bicycle 33 -> 18; unlabeled 0, parking 9, polegroup 18 and caravan 29 -> 255 (ignore)."""
+    label_ids = _save_mask(tmp_path / "aachen_000000_000019_gtFine_labelIds.png", [[7, 8, 26, 33], [0, 9, 18, 29]])
+    assert read_mask(label_ids, "cityscapes").tolist() == [[0, 1, 13, 18], [255, 255, 255, 255]]
+    train_ids = _save_mask(tmp_path / "aachen_000000_000019_gtFine_labelTrainIds.png", [[0, 1], [13, 255]])
+    assert read_mask(train_ids, "cityscapes").tolist() == [[0, 1], [13, 255]]  # trainIds already
+
+
+def test_masks_are_found_one_split_folder_down(tmp_path: Path) -> None:
+    """masks/<split>/<id>.png; Cityscapes names (trainIds before labelIds); an id in two splits is an error."""
+    masks = tmp_path / "masks"
+    _save_mask(masks / "train" / "a.png", [[1]])
+    _save_mask(masks / "val" / "b.png", [[2]])
+    assert find_mask(masks, "a") == masks / "train" / "a.png"
+    assert find_mask(masks, "b") == masks / "val" / "b.png"
+    assert find_mask(masks, "c") is None
+    _save_mask(masks / "val" / "a.png", [[3]])
+    with pytest.raises(LabelError, match=r"'a' in several splits \(train/a.png, val/a.png\)"):
+        find_mask(masks, "a")
+    gt = tmp_path / "gtFine"
+    label_ids = _save_mask(gt / "val" / "lindau" / "lindau_000000_000019_gtFine_labelIds.png", [[26]])
+    assert find_mask(gt, "lindau_000000_000019", "cityscapes") == label_ids
+    train_ids = _save_mask(label_ids.with_name("lindau_000000_000019_gtFine_labelTrainIds.png"), [[13]])
+    assert find_mask(gt, "lindau_000000_000019", "cityscapes") == train_ids
+    assert find_mask(gt, "lindau_000000_000019") is None  # plain <id>.png names only without the mapping
+
+
 # --- scribbles -----------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.cache.names import (
+    AblationFiles,
     CacheLayout,
     ImageStatus,
     RunFiles,
@@ -111,7 +112,13 @@ def test_siblings_label_sets_and_run_folders(tmp_path):
     assert files.is_run()
     names = {p.name for p in vars(files).values() if isinstance(p, Path) and p != files.dir}
     assert names == {"head.safetensors", "config.json", "history.json", "curve.png", "metrics.json", "confusion.npy",
-                     "confusion.png", "train.log"}  # fmt: skip
+                     "confusion.png", "train.log", "metrics.csv", "tb"}  # fmt: skip
+    assert files.metrics_for("lin") == first / "metrics.lin.json"
+    assert files.worst_for("cache") == first / "worst.png"
+    assert files.confusion_figure_for("ms") == first / "confusion.ms.png"
+    grid = AblationFiles(layout.ablation_dir("labels"))
+    assert grid.dir == tmp_path / "ablations" / "labels"
+    assert grid.cell("gt-linear-f-seed0") == grid.dir / "cells" / "gt-linear-f-seed0"
 
 
 def test_workspace_layout_uses_its_folders(tmp_path):

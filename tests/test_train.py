@@ -278,3 +278,181 @@ def test_evaluating_a_head_with_fewer_classes_than_the_ground_truth_names_the_fi
     head = build_head("bn-linear", val.channels, 5).eval()
     with pytest.raises(LabelError, match=r"\.png holds classes \[.*\] but the head predicts 5 classes"):
         score_head(head, val, ws.labels["gt"])
+
+
+# --- experiment logs: metrics.csv, config.json's environment, TensorBoard --------------------------
+
+TINY_RUN = TrainConfig(lr=2e-2, iterations=9, warmup_iters=2, batch_size=8, device="cpu")
+
+
+def read_metrics_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    import csv
+
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def test_metrics_csv_rows_are_the_history_step_by_step(ws, tmp_path):
+    out = train_and_evaluate(TrainConfig(lr=2e-2, epochs=2, min_steps=0, batch_size=6), ws.labels["gt"], ws, out=tmp_path / "run")
+    header, rows = read_metrics_csv(tmp_path / "run" / "metrics.csv")
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert header == ["step", "epoch", "loss", "lr"] == list(history)
+    assert len(rows) == out.train.steps == len(history["step"])
+    for key in header:  # floats are written with repr: they read back exactly
+        assert [float(r[key]) for r in rows] == history[key] == out.train.history[key], key
+    assert [int(r["step"]) for r in rows] == list(range(1, out.train.steps + 1))
+    epochs = [int(r["epoch"]) for r in rows]
+    assert epochs == sorted(epochs)
+    assert epochs[0] == 1
+    assert epochs[-1] == out.train.epochs == 2
+
+
+def test_metrics_csv_keeps_the_rows_of_a_run_that_crashes(ws, tmp_path):
+    from pipeline.training.train import train_head
+
+    store = FeatureStore.open(store_path(TINY, ws.layout, "train"))
+    labels = ensure_labels(ws.labels["gt"], store, num_classes=21)
+
+    def crash_at_step_5(step: int, total: int, loss: float) -> None:
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_head(store, labels, TINY_RUN, tmp_path / "run", num_classes=21, progress=crash_at_step_5)
+    _, rows = read_metrics_csv(tmp_path / "run" / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
+    assert all(math.isfinite(float(r["loss"])) for r in rows)
+    assert not (tmp_path / "run" / "head.safetensors").exists()
+
+
+def test_config_json_records_command_versions_device_and_commit(ws, tmp_path, monkeypatch):
+    import re
+    import sys
+    from importlib import metadata
+
+    monkeypatch.setattr(sys, "argv", ["ssvt", "train-head", "--labels", "gt", "--out", "my runs/a"])
+    train_and_evaluate(TINY_RUN, ws.labels["gt"], ws, out=tmp_path / "run")
+    env = json.loads((tmp_path / "run" / "config.json").read_text())["environment"]
+    assert env["command"] == "ssvt train-head --labels gt --out 'my runs/a'"
+    for name in ("ssvt", "torch", "transformers", "zarr", "numpy"):
+        assert env["versions"][name] == metadata.version(name), name
+    assert env["device"] == "cpu"
+    commit, dirty = env["git"]["commit"], env["git"]["dirty"]
+    assert commit is None or re.fullmatch(r"[0-9a-f]{40}", commit)
+    assert dirty is None if commit is None else isinstance(dirty, bool)
+
+
+def test_git_state_is_none_outside_the_package_checkout_and_on_any_git_failure(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+
+    from pipeline import provenance
+
+    package = tmp_path / "repo" / "lib" / "pipeline"
+    package.mkdir(parents=True)
+    unknown = {"commit": None, "dirty": None}
+    assert provenance.git_state(package) == unknown  # not a repository at all
+    if shutil.which("git"):  # a repository whose top level is not the folder holding the package
+        subprocess.run(["git", "init", "-q", str(tmp_path / "repo")], check=True)
+        assert provenance.git_state(package) == unknown
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    assert provenance.git_state() == unknown
+    monkeypatch.setattr(provenance.sys, "argv", [])
+    assert provenance.command_line() is None
+
+
+def test_tensorboard_flag_writes_the_history_and_final_metrics_as_scalars(ws, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    monkeypatch.chdir(ws.file.parent)
+    args = ["train-head", "--labels", "gt", "--iterations", "9", "--warmup-iters", "2", "--batch-size", "8",
+            "--lr", "0.02", "--device", "cpu", "--tensorboard", "--out", str(tmp_path / "run")]  # fmt: skip
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert f"tensorboard --logdir {tmp_path / 'run' / 'tb'}" in result.output
+    run = tmp_path / "run"
+    assert json.loads((run / "config.json").read_text())["train"]["tensorboard"] is True
+    history = json.loads((run / "history.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"train/loss", "train/lr", "val/miou", "val/pixel_accuracy"}
+    for key in ("loss", "lr"):
+        scalars = events.Scalars(f"train/{key}")
+        assert [s.step for s in scalars] == history["step"]
+        assert [s.value for s in scalars] == pytest.approx(history[key], rel=1e-6)  # stored as float32
+    for key in ("miou", "pixel_accuracy"):
+        (final,) = events.Scalars(f"val/{key}")
+        assert final.step == 9
+        assert final.value == pytest.approx(metrics[key], rel=1e-6)
+
+
+def test_without_tensorboard_the_flag_is_one_clear_error_before_any_write(ws, tmp_path, monkeypatch):
+    import sys
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.training.train import train_head
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` fails as if not installed
+    monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)  # so torch imports it again
+    cfg = TrainConfig(**{**TINY_RUN.to_dict(), "tensorboard": True})
+    with pytest.raises(ConfigError, match=r"--tensorboard needs the tensorboard package.*: pip install tensorboard$"):
+        train_and_evaluate(cfg, ws.labels["gt"], ws, out=tmp_path / "run")
+    store = FeatureStore.open(store_path(TINY, ws.layout, "train"))
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
+        train_head(store, ensure_labels(ws.labels["gt"], store, num_classes=21), cfg, tmp_path / "run", num_classes=21)
+    monkeypatch.chdir(ws.file.parent)
+    result = CliRunner().invoke(app, ["train-head", "--labels", "gt", "--tensorboard", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("error: --tensorboard needs the tensorboard package")
+    assert lines[0].endswith("pip install tensorboard")
+    assert not (tmp_path / "run").exists()
+
+
+def test_stage_two_does_not_import_tensorboard(modules_loaded_by):
+    code = "import pipeline.cli, pipeline.training.train, pipeline.training.runs, pipeline.provenance"
+    assert modules_loaded_by(code, "tensorboard", "torch.utils.tensorboard") == []
+    assert "tensorboard" in modules_loaded_by("import torch.utils.tensorboard", "tensorboard")
+
+
+def test_heads_trained_in_one_pass_equal_separate_runs(ws, tmp_path):
+    """train_heads reads each batch once for several heads; every head, its history and its run files
+    equal those of a separate train_head call with the same settings, bit for bit."""
+    from safetensors.torch import load_file
+
+    from pipeline.training.train import HeadJob, fuse_key, train_head, train_heads
+
+    store = FeatureStore.open(store_path(TINY, ws.layout, "train"))
+    base = TrainConfig(lr=2e-2, epochs=2, min_steps=12, batch_size=6)
+    specs = [("gt", "bn-linear", 1e-2), ("eps", "linear", 2e-2), ("scribble", "mlp", 5e-3), ("eps", "conv", 2e-2)]
+    jobs = []
+    for name, head, lr in specs:
+        labels = ensure_labels(ws.labels[name], store, num_classes=21)
+        cfg = TrainConfig(**{**base.to_dict(), "labels": name, "head": head, "lr": lr})
+        jobs.append(HeadJob(labels, cfg, tmp_path / "fused" / f"{name}-{head}"))
+    assert len({fuse_key(store, job) for job in jobs}) == 1
+    fused = train_heads(store, jobs, num_classes=21)
+    for job, result in zip(jobs, fused, strict=True):
+        alone = train_head(store, job.labels, job.cfg, tmp_path / "alone" / job.run_dir.name, num_classes=21)
+        assert alone.history == result.history
+        a, b = load_file(str(job.run_dir / "head.safetensors")), load_file(str(alone.run_dir / "head.safetensors"))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+        assert json.loads((job.run_dir / "config.json").read_text())["result"]["heads_in_pass"] == 4
+    subsampled = HeadJob(jobs[0].labels, TrainConfig(**{**base.to_dict(), "pixels_per_image": 50}), tmp_path / "p")
+    assert fuse_key(store, subsampled) is None  # its loss draws pixels from the shared random stream
+    with pytest.raises(ConfigError, match="cannot share a pass"):
+        train_heads(store, [jobs[0], subsampled], num_classes=21)

@@ -22,22 +22,28 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cache import label_readers as readers
+from pipeline.cache.datasets import MASK_MAPPINGS
 from pipeline.cache.geometry import IGNORE, Geometry, mask_to_canvas
 from pipeline.errors import ConfigError, LabelError
 
 
 @dataclass(frozen=True)
 class LabelSource:
-    """A named label source of the workspace: its kind and where its files are."""
+    """A named label source of the workspace: its kind and where its files are. ``mapping`` names a
+    dataset's mask convention (:data:`pipeline.cache.datasets.MASK_MAPPINGS`, e.g. ADE20K's 0 = ignore),
+    applied to mask kinds as they are read."""
 
     name: str
     kind: str
     path: Path
     background: Path | None = None
+    mapping: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in LABEL_KINDS:
             raise ConfigError(f"label source {self.name!r} has kind {self.kind!r}; valid kinds are {', '.join(LABEL_KINDS)}")
+        if self.mapping is not None and self.mapping not in MASK_MAPPINGS:
+            raise ConfigError(f"label source {self.name!r} has mapping {self.mapping!r}; valid: {', '.join(MASK_MAPPINGS)}")
 
     @property
     def spec(self) -> LabelKind:
@@ -89,13 +95,18 @@ class KindReader:
 
 
 class MaskReader(KindReader):
-    """One mask file per image, ``<id>.png`` (or .bmp/.tif): palette, grayscale, 16-bit or RGB."""
+    """One mask file per image, ``<id>.png`` (or .bmp/.tif, or one split folder down): palette, grayscale,
+    16-bit or RGB, mapped by the source's ``mapping`` (:class:`pipeline.cache.label_readers.MaskFolder`)."""
+
+    def __init__(self, source: LabelSource, num_classes: int) -> None:
+        super().__init__(source, num_classes)
+        self.folder = readers.MaskFolder(source.path, source.mapping)
 
     def read(self, image_id: str, geom: Geometry | None) -> tuple[Path, np.ndarray] | None:
-        path = readers.find_mask(self.source.path, image_id)
+        path = self.folder.find(image_id)
         if path is None:
             return None
-        mask = readers.read_mask(path)
+        mask = self.folder.read(path)
         if geom is not None and mask.shape != (geom.height, geom.width):
             raise LabelError(f"{path} is {mask.shape[1]}x{mask.shape[0]} but its image is {geom.width}x{geom.height} (W x H)")
         return path, mask
@@ -104,7 +115,7 @@ class MaskReader(KindReader):
         return self.read(image_id, geom)
 
     def has_mask(self, image_id: str) -> bool:
-        return readers.find_mask(self.source.path, image_id) is not None
+        return self.folder.find(image_id) is not None
 
     def canvas(self, image_id: str, geom: Geometry) -> np.ndarray | None:
         found = self.read(image_id, geom)

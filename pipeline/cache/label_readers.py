@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from pipeline.cache.datasets import mask_table
 from pipeline.cache.geometry import IGNORE, Geometry, points_to_canvas
 from pipeline.cache.voc import NUM_CLASSES, SCRIBBLE_TAGS, palette
 from pipeline.errors import LabelError
@@ -34,6 +37,8 @@ from pipeline.errors import LabelError
 log = logging.getLogger(__name__)
 
 MASK_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
+#: Stem endings of Cityscapes masks: trainIds (read as is), labelIds (mapped to trainIds when read).
+CITYSCAPES_MASK_ENDINGS = ("_gtFine_labelTrainIds", "_gtFine_labelIds")
 #: Colours an RGB mask may hold: the palette colours of the classes and of void (255).
 _VALID_INDICES = np.array([*range(NUM_CLASSES), IGNORE])
 
@@ -41,14 +46,27 @@ _VALID_INDICES = np.array([*range(NUM_CLASSES), IGNORE])
 # --- dense masks ---------------------------------------------------------------------------------
 
 
-def read_mask(path: str | Path) -> np.ndarray:
+def read_mask(path: str | Path, mapping: str | None = None) -> np.ndarray:
     """A mask file -> (H, W) uint8 class ids, 255 = void.
 
     Palette ("P") PNGs give their index array as is (never their colours); "L" as is; 16- and 32-bit
     integer images their values (at most 255); RGB/RGBA masks are decoded through the VOC palette.
+    ``mapping`` names a dataset's convention (:data:`pipeline.cache.datasets.MASK_MAPPINGS`): "ade20k"
+    maps 0 -> 255 and k -> k - 1; "cityscapes" maps ``*_labelIds`` files to trainIds.
     Raises LabelError naming the file when it cannot be read or holds values that are not class ids.
     """
     path = Path(path)
+    return map_mask(_decode_mask(path), path, mapping)
+
+
+def map_mask(mask: np.ndarray, path: Path, mapping: str | None) -> np.ndarray:
+    """The class ids of the mask read from ``path`` under a dataset's ``mapping`` (see :func:`read_mask`)."""
+    if mapping is None or (mapping == "cityscapes" and not path.stem.endswith(CITYSCAPES_MASK_ENDINGS[1])):
+        return mask
+    return mask_table(mapping)[mask]
+
+
+def _decode_mask(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
@@ -98,13 +116,56 @@ def _colour_codes(rgb: np.ndarray) -> np.ndarray:
     return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
 
 
-def find_mask(folder: str | Path, image_id: str) -> Path | None:
-    """The mask file of ``image_id`` in ``folder`` (``<id>.png``, else .bmp/.tif/.tiff), or None."""
-    for suffix in MASK_SUFFIXES:
-        candidate = Path(folder) / f"{image_id}{suffix}"
-        if candidate.is_file():
-            return candidate
-    return None
+def find_mask(folder: str | Path, image_id: str, mapping: str | None = None) -> Path | None:
+    """The mask file of ``image_id`` in ``folder`` (``<id>.png``, else .bmp/.tif/.tiff) or one of its
+    split subfolders, or None; see :class:`MaskFolder`."""
+    return MaskFolder(folder, mapping).find(image_id)
+
+
+class MaskFolder:
+    """The mask files of one label source: ``root/<id>.png`` (else .bmp/.tif/.tiff), or one split folder
+    down, ``root/<split>/<id>.png`` (``masks/<split>/``, ADE20K's ``annotations/training/``). With
+    ``mapping`` "cityscapes" the files are ``[<split>/]<city>/<id>_gtFine_labelTrainIds.png``, else
+    ``..._gtFine_labelIds.png`` (mapped to trainIds when read). The split folders are listed once, at
+    the first id not found in the root."""
+
+    def __init__(self, root: str | Path, mapping: str | None = None) -> None:
+        self.root, self.mapping = Path(root), mapping
+
+    @cached_property
+    def split_dirs(self) -> list[Path]:
+        try:
+            return sorted(Path(e.path) for e in os.scandir(self.root) if e.is_dir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def names(self, image_id: str) -> list[str]:
+        """The file names ``image_id``'s mask may have, relative to the root or a split folder, best first."""
+        if self.mapping == "cityscapes":
+            city = image_id.rsplit("_", 2)[0]
+            stems = [f"{image_id}{ending}" for ending in CITYSCAPES_MASK_ENDINGS]
+            return [f"{city}/{s}.png" for s in stems] + [f"{s}.png" for s in stems]
+        return [f"{image_id}{suffix}" for suffix in MASK_SUFFIXES]
+
+    def find(self, image_id: str) -> Path | None:
+        """The mask file of ``image_id``, or None. LabelError when two split folders hold one."""
+        names = self.names(image_id)
+        found = _first_file(self.root, names)
+        if found is not None:
+            return found
+        hits = [p for d in self.split_dirs if (p := _first_file(d, names)) is not None]
+        if len(hits) > 1:
+            where = ", ".join(str(p.relative_to(self.root)) for p in hits)
+            raise LabelError(f"{self.root} holds masks for {image_id!r} in several splits ({where}); ids must be unique")
+        return hits[0] if hits else None
+
+    def read(self, path: Path) -> np.ndarray:
+        """The mask at ``path`` (found by :meth:`find`), mapped: (H, W) uint8, 255 = void."""
+        return map_mask(read_mask(path), path, self.mapping)
+
+
+def _first_file(folder: Path, names: list[str]) -> Path | None:
+    return next((folder / n for n in names if (folder / n).is_file()), None)
 
 
 # --- scribbles -----------------------------------------------------------------------------------

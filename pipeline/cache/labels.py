@@ -79,6 +79,13 @@ class LabelSet:
             return f["image_labels"][...] if "image_labels" in f else None
 
 
+def update_label_attrs(path: Path, **attrs: Any) -> None:
+    """Add or replace attributes of an existing label set (e.g. ``quality`` from ``ssvt score-labels``);
+    the masks and their fingerprint are untouched."""
+    with h5py.File(path, "r+") as f:
+        f.attrs.update(attrs)
+
+
 def _decode(value: Any) -> Any:
     if isinstance(value, bytes):
         value = value.decode()
@@ -91,18 +98,28 @@ def source_fingerprint(source: LabelSource) -> str:
     """SHA-256 over the source's files: names, sizes and modification times (folders) or the bytes
     (single files), so a changed source is noticed without re-reading every mask."""
     h = hashlib.sha256(source.kind.encode())
+    if source.mapping:  # only when set, so the fingerprints of existing sets stay the same
+        h.update(f"mapping={source.mapping}".encode())
     for path in (source.path, source.background):
         if path is None:
             continue
         if path.is_dir():
-            for entry in sorted(os.scandir(path), key=lambda e: e.name):
-                st = entry.stat()
-                h.update(f"{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            _hash_folder(h, path, "")
         elif path.is_file():
             h.update(path.read_bytes())
         else:
             raise LabelError(f"label source {source.name!r}: {path} does not exist; fix [labels.{source.name}] path in ssvt.toml")
     return h.hexdigest()
+
+
+def _hash_folder(h: Any, folder: Path, prefix: str) -> None:
+    """Names, sizes and mtimes of every file under ``folder`` (split subfolders included), sorted."""
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.is_dir():
+            _hash_folder(h, Path(entry.path), f"{prefix}{entry.name}/")
+            continue
+        st = entry.stat()
+        h.update(f"{prefix}{entry.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
 
 
 def ensure_labels(source: LabelSource, store: FeatureStore, *, num_classes: int, strict: bool = False,

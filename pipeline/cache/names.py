@@ -129,6 +129,10 @@ class CacheLayout:
         """``<runs>/<stem>``, whether or not it exists (a run that is meant to be replaced)."""
         return self.runs / stem
 
+    def ablation_dir(self, name: str) -> Path:
+        """``ablations/<name>`` beside the runs folder: one ``ssvt ablate`` grid (:class:`AblationFiles`)."""
+        return self.runs.parent / "ablations" / name
+
     def new_run_dir(self, stem: str) -> Path:
         """``<runs>/<stem>``, or ``<stem>-2``, ``-3`` ... when taken."""
         path, n = self.runs / stem, 1
@@ -151,6 +155,8 @@ class RunFiles:
         self.head = self.dir / "head.safetensors"
         self.config = self.dir / "config.json"
         self.history = self.dir / "history.json"
+        self.metrics_csv = self.dir / "metrics.csv"  # the history, one row per step, written as training goes
+        self.tensorboard = self.dir / "tb"  # TensorBoard event files (train-head --tensorboard)
         self.curve = self.dir / "curve.png"
         self.metrics = self.dir / "metrics.json"
         self.confusion = self.dir / "confusion.npy"
@@ -177,6 +183,23 @@ class RunFiles:
     @staticmethod
     def _for(path: Path, protocol: str) -> Path:
         return path if protocol == "cache" else path.with_name(f"{path.stem}.{protocol}{path.suffix}")
+
+
+class AblationFiles:
+    """The files of one ``ssvt ablate`` grid folder (README, "Ablations")."""
+
+    def __init__(self, root: StrPath) -> None:
+        self.dir = Path(root)
+        self.cells = self.dir / "cells"  # one train-head run folder per cell, named after the cell
+        self.grid = self.dir / "grid.json"  # the grid's settings, to refuse resuming with others
+        self.results_csv = self.dir / "results.csv"
+        self.results_json = self.dir / "results.json"
+        self.table_md = self.dir / "table.md"
+        self.table_png = self.dir / "table.png"
+        self.failures = self.dir / "failed.json"
+
+    def cell(self, name: str) -> Path:
+        return self.cells / name
 
 
 # --- identity ------------------------------------------------------------------------------------

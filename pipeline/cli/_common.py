@@ -7,18 +7,24 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
 from pipeline.config import WORKSPACE_FILE
-from pipeline.errors import SsvtError
+from pipeline.errors import ConfigError, SsvtError
+
+#: Seconds between plain progress lines when stdout is not a terminal (a file, a CI log); the
+#: environment variable SSVT_PROGRESS_EVERY overrides it (0: a line at every update).
+PROGRESS_EVERY = 30.0
 
 app = typer.Typer(
     name="ssvt",
@@ -27,7 +33,9 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=False,
 )
-console = Console(soft_wrap=True)  # long paths stay on one line, copyable
+# Long paths stay on one line, copyable. Strings are read as rich markup, which drops a [word] in
+# brackets: print user text (paths, names, messages) as Text, with markup=False or rich.markup.escape.
+console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 _state = {"debug": False}
@@ -40,8 +48,19 @@ FeaturesOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from pipeline import __version__
+
+        console.print(f"ssvt {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log library messages.")] = False,
 ) -> None:
@@ -79,15 +98,94 @@ class RateColumn(ProgressColumn):
         self.unit = unit
 
     def render(self, task: Task) -> Text:
-        elapsed = task.elapsed or 0.0
-        speed = task.finished_speed or task.speed or (task.completed / elapsed if elapsed > 0 else None)
-        return Text(f"{speed:,.1f} {self.unit}" if speed else f"- {self.unit}", style="progress.data.speed")
+        return Text(_rate(task, self.unit), style="progress.data.speed")
 
 
-def progress_bar(unit: str = "img/s") -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
-        TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False,
+def _rate(task: Task, unit: str) -> str:
+    elapsed = task.elapsed or 0.0
+    speed = task.finished_speed or task.speed or (task.completed / elapsed if elapsed > 0 else None)
+    return f"{speed:,.1f} {unit}" if speed else f"- {unit}"
+
+
+def _clock(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}:{m:02d}:{s:02d}" if hours else f"{m}:{s:02d}"
+
+
+_NOUNS = {"img/s": "images", "step/s": "steps", "cell/s": "cells"}
+
+
+class ProgressBars(Progress):
+    """Bars that appear with the first progress report (a command failing before it prints its error
+    line alone), are cleared when the command fails, and, when stdout is not a terminal, become a
+    plain line per task every ``every`` seconds and when it finishes."""
+
+    def __init__(self, *columns: str | ProgressColumn, unit: str, every: float, **kwargs: Any):
+        super().__init__(*columns, **kwargs)
+        self.unit, self.every = unit, every
+        self._logged: dict[TaskID, float] = {}  # task -> time of its last line
+        self._done: set[TaskID] = set()  # tasks whose last line is printed
+
+    def __enter__(self) -> ProgressBars:
+        return self  # drawn from the first report on
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self.live.transient = True
+        elif not self._draws():
+            for task in self.tasks:
+                if task.id not in self._done and task.completed:
+                    self._log(task)
+        if self.live.is_started:
+            self.stop()
+
+    def update(self, task_id: TaskID, **kwargs: Any) -> None:
+        super().update(task_id, **kwargs)
+        self._report(task_id)
+
+    def advance(self, task_id: TaskID, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._report(task_id)
+
+    def _draws(self) -> bool:
+        return self.console.is_terminal and not self.console.is_dumb_terminal
+
+    def _report(self, task_id: TaskID) -> None:
+        if self._draws():
+            if not self.live.is_started:
+                self.start()
+            return
+        task = next(t for t in self.tasks if t.id == task_id)
+        now = self.get_time()
+        if task.finished or now - self._logged.get(task_id, task.start_time or now) >= self.every:
+            if task_id not in self._done:
+                self._log(task)
+            self._logged[task_id] = now
+
+    def _log(self, task: Task) -> None:
+        noun = _NOUNS.get(self.unit)
+        count = f"{task.completed:.0f}" if task.total is None else f"{task.completed:.0f}/{task.total:.0f}"
+        parts = [_rate(task, self.unit)]
+        if task.finished:
+            parts.append(f"done in {_clock(task.finished_time or 0.0)}")
+            self._done.add(task.id)
+        elif task.time_remaining is not None:
+            parts.append(f"eta {_clock(task.time_remaining)}")
+        self.console.print(Text(f"{task.description}: {count}{' ' + noun if noun else ''} ({', '.join(parts)})"))
+
+
+def progress_bar(unit: str = "img/s") -> ProgressBars:
+    """Progress bars for ``with progress_bar() as bar:``; see :class:`ProgressBars`."""
+    every = os.environ.get("SSVT_PROGRESS_EVERY", str(PROGRESS_EVERY))
+    try:
+        seconds = float(every)
+    except ValueError:
+        raise ConfigError(f"SSVT_PROGRESS_EVERY is seconds between progress lines, got {every!r}") from None
+    return ProgressBars(
+        TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
+        RateColumn(unit), TextColumn("eta"), TimeRemainingColumn(),
+        unit=unit, every=seconds, console=console, transient=False,
     )  # fmt: skip
 
 
@@ -110,9 +208,10 @@ def _update_task(bar: Progress, task: Any, done: int, total: int) -> None:
 
 
 def kv_table(title: str, rows: list[tuple[str, Any]]) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left")
+    """Two columns, key and value, printed as they are (a path like data[1]/x keeps its brackets)."""
+    table = Table(title=escape(title), show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     for key, value in rows:
-        table.add_row(key, str(value))
+        table.add_row(escape(key), escape(str(value)))
     return table

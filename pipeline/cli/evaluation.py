@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.cache.names import RunFiles
 from pipeline.cli._common import (
@@ -92,11 +93,11 @@ def evaluate_cmd(
         table = Table("run", "mIoU %", "pixel acc. %", "images", title=f"protocol {protocol.value}", title_justify="left")
         for r in results:
             table.add_row(
-                str(r.run_dir), f"{100 * r.result.miou:.1f}", f"{100 * r.result.pixel_accuracy:.1f}", str(r.result.images)
+                Text(str(r.run_dir)), f"{100 * r.result.miou:.1f}", f"{100 * r.result.pixel_accuracy:.1f}", str(r.result.images)
             )
         console.print(table)
     written = ", ".join(str(RunFiles(r.run_dir).metrics_for(protocol.value)) for r in results[:3])
-    console.print(f"protocol {protocol.value}: wrote {written}" + (" ..." if len(results) > 3 else ""))
+    console.print(f"protocol {protocol.value}: wrote {written}" + (" ..." if len(results) > 3 else ""), markup=False)
 
 
 @app.command("predict")
@@ -157,4 +158,4 @@ def predict_cmd(
     ]
     console.print(kv_table("predict", rows))
     for image_id, error in summary.failed[:5]:
-        err_console.print(f"[yellow]skipped {image_id}: {error}[/]")
+        err_console.print(Text(f"skipped {image_id}: {error}", style="yellow"))

@@ -37,7 +37,7 @@ def init(
     if path.exists() and not force:
         raise ConfigError(f"{path} exists; pass --force to replace it")
     path.write_text(INIT_TEMPLATE)
-    console.print(f"wrote {path}: set [dataset] root and the label sources, then run `ssvt extract`")
+    console.print(f"wrote {path}: set [dataset] root and the label sources, then run `ssvt extract`", markup=False)
 
 
 @app.command("make-toy")
@@ -55,8 +55,9 @@ def make_toy_cmd(
     from pipeline.toy.dataset import make_toy
 
     make_toy(out, n_train=n_train, n_val=n_val, seed=seed)
-    console.print(f"wrote {n_train} train + {n_val} val images, their label sets and {out / WORKSPACE_FILE}")
-    console.print(f"next: cd {out} && ssvt extract --model dinov2_vits14   (add --random-init when no weights are cached)")
+    console.print(f"wrote {n_train} train + {n_val} val images, their label sets and {out / WORKSPACE_FILE}", markup=False)
+    console.print(f"next: cd {out} && ssvt extract --model dinov2_vits14   (add --random-init when no weights are cached)",
+                  markup=False)  # fmt: skip
 
 
 # ---------------------------------------------------------------- stage one
@@ -72,7 +73,7 @@ def extract_cmd(
         Path | None,
         typer.Option(
             help="Dataset: a VOC root, an images/ (+ masks/) folder, a plain image folder or a text file listing images. "
-            "Default: the workspace's [dataset] root."
+            "Default: the workspace's \\[dataset] root."
         ),
     ] = None,
     split: Annotated[
@@ -124,7 +125,7 @@ def extract_cmd(
         images_per_shard=images_per_shard, strict=strict,
     )  # fmt: skip
     targets = plan_extract(cfg, Workspace.find(config), data=data, splits=split, out=out)
-    with console.status(f"loading {model} and hashing its weights"):
+    with console.status(Text(f"loading {model} and hashing its weights")):
         backbone = load_backbone(cfg)  # once for every split
     for split_name, items, store_path in targets:
         with progress_bar() as bar:
@@ -186,8 +187,8 @@ def _print_label_sets(paths: list[Path]) -> None:
         hist = a["class_histogram"]
         top = sorted(range(1, len(hist)), key=lambda c: -hist[c])[:3]  # foreground classes
         names = [CLASS_NAMES[c] if len(hist) == len(CLASS_NAMES) else str(c) for c in top if hist[c]]
-        table.add_row(a["name"], a["kind"], f"{a['images_labelled']} / {a['images']}", f"{100 * a['labelled_fraction']:.2f}%",
-                      str(a["points_dropped"]), ", ".join(names))  # fmt: skip
+        table.add_row(Text(a["name"]), a["kind"], f"{a['images_labelled']} / {a['images']}",
+                      f"{100 * a['labelled_fraction']:.2f}%", str(a["points_dropped"]), ", ".join(names))  # fmt: skip
     console.print(table)
 
 

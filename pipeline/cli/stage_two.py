@@ -38,7 +38,7 @@ def train_head_cmd(
     labels: Annotated[
         str,
         typer.Option(
-            help="Label source: a name from ssvt.toml [labels.*] (gt, scribble, point, seam, eps, vl), a path, "
+            help="Label source: a name from ssvt.toml \\[labels.*] (gt, scribble, point, seam, eps, vl), a path, "
             "or a label set made by `ssvt pseudo-masks` (e.g. cam)."
         ),
     ],
@@ -83,12 +83,15 @@ def train_head_cmd(
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same head.")] = 0,
     device: DeviceOpt = "auto",
     strict: Annotated[bool, typer.Option(help="Fail when some images have no label instead of leaving them out.")] = False,
+    tensorboard: Annotated[
+        bool, typer.Option(help="Also write TensorBoard event files to <run>/tb (needs `pip install tensorboard`).")
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Train a light head on cached features with (imperfect) labels, then evaluate it.
 
     The validation split is evaluated when it is cached. Writes a run folder (weights, config,
-    metrics, curve, confusion matrix, log)."""
+    metrics.csv per step, metrics, curve, confusion matrix, log)."""
     from pipeline.config import TrainConfig, optional_label_source
     from pipeline.training.runs import resolve_labels, train_and_evaluate
 
@@ -96,6 +99,7 @@ def train_head_cmd(
         labels=labels, head=head, epochs=epochs, iterations=iterations, min_steps=min_steps, batch_size=batch_size,
         lr=lr, weight_decay=weight_decay, warmup=warmup, warmup_iters=warmup_iters,
         schedule=schedule.value, poly_power=poly_power, pixels_per_image=pixels_per_image, flip=flip, seed=seed, device=device,
+        tensorboard=tensorboard,
     )  # fmt: skip
     ws = Workspace.find(config)
     source = resolve_labels(labels, ws, kind=label_kind, store_path=store_path, features=features)
@@ -104,6 +108,10 @@ def train_head_cmd(
         outcome = train_and_evaluate(cfg, source, ws, store_path=store_path, val_store_path=val_store_path, gt=gt_source,
                                      features=features, out=out, strict=strict, progress=stage_bars(bar, "loss "))  # fmt: skip
     _print_run(outcome)
+    if tensorboard:
+        from pipeline.cache.names import RunFiles
+
+        console.print(f"TensorBoard: tensorboard --logdir {RunFiles(outcome.run_dir).tensorboard}")
 
 
 def _print_run(outcome: Any) -> None:
@@ -122,7 +130,7 @@ def _print_run(outcome: Any) -> None:
 def _print_eval(result: Any) -> None:
     table = Table("class", "IoU %", title="per-class IoU", title_justify="left")
     for name, value in result.per_class_iou.items():
-        table.add_row(name, "-" if value is None else f"{100 * value:.1f}")
+        table.add_row(Text(name), "-" if value is None else f"{100 * value:.1f}")
     console.print(table)
     tta = ", flip TTA" if result.flip_tta else ""
     console.print(
@@ -192,4 +200,4 @@ def pseudo_masks_cmd(
         png, pdf = draw_cam_figure(store, result, out, gt=gt_source, n=figure, seed=seed, num_classes=num_classes)
         rows.append(("figure", f"{png} (+ {pdf.name})"))
     console.print(kv_table("pseudo-masks", rows))
-    console.print(f"next: ssvt train-head --labels {out_labels}")
+    console.print(f"next: ssvt train-head --labels {out_labels}", markup=False)

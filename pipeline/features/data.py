@@ -1,8 +1,10 @@
-"""Image sources (VOC root + split, ``images/`` folder, plain folder or list) and decoding to RGB.
+"""Image sources (VOC root + split, ``images/[<split>/]`` folder, plain folder or list, ADE20K, Cityscapes)
+and decoding to RGB.
 
 Usage::
 
     items = find_images("VOCdevkit/VOC2012", split="val")     # [ImageItem(id, path), ...]
+    items = find_images("ADEChallengeData2016", "validation", "ade20k")
     ds = CanvasDataset(items, size=448, mean=..., std=...)      # for a DataLoader
 """
 
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.cache.datasets import ADE20K_SPLITS, folder_splits
 from pipeline.cache.geometry import fit_geometry
 from pipeline.errors import DataError
 from pipeline.resample import image_to_canvas
@@ -23,6 +26,8 @@ from pipeline.resample import image_to_canvas
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+#: Cityscapes image stems end so; the image id is the stem without it.
+CITYSCAPES_IMAGE_ENDING = "_leftImg8bit"
 
 
 @dataclass(frozen=True)
@@ -61,9 +66,16 @@ def _with_suffix(folder: Path, stem: str) -> Path:
     return jpg  # missing: reported as unreadable when decoded, like any other bad file
 
 
-def folder_images(folder: Path) -> list[ImageItem]:
-    """Every image file in ``folder/images`` (when present) or ``folder``, sorted by stem."""
-    if (folder / "images").is_dir():
+def folder_images(folder: Path, split: str | None = None) -> list[ImageItem]:
+    """Every image file in ``folder/images/<split>`` (a folder dataset with one folder per split),
+    ``folder/images`` (when present) or ``folder``, sorted by stem."""
+    splits = folder_splits(folder)
+    if splits:
+        if split is None or split not in splits:
+            choose = f"no split {split!r} there" if split else "choose one with --split"
+            raise DataError(f"{folder / 'images'} has one folder per split ({', '.join(splits)}); {choose}")
+        folder = folder / "images" / split
+    elif (folder / "images").is_dir():
         folder = folder / "images"
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
@@ -75,6 +87,26 @@ def folder_images(folder: Path) -> list[ImageItem]:
     return [ImageItem(p.stem, p) for p in files]
 
 
+def ade20k_images(root: Path, split: str | None) -> list[ImageItem]:
+    """ADEChallengeData2016: ``images/{training,validation}/*.jpg`` (``train``/``val`` name them too)."""
+    if split not in ADE20K_SPLITS:
+        raise DataError(f"{root} is an ADE20K root: choose --split training or validation (or train, val), got {split!r}")
+    return folder_images(root, ADE20K_SPLITS[split])
+
+
+def cityscapes_images(root: Path, split: str | None) -> list[ImageItem]:
+    """Cityscapes: ``leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png``, ids without the
+    ``_leftImg8bit`` ending, sorted by id."""
+    images = root / "leftImg8bit"
+    found = sorted(p.name for p in images.iterdir() if p.is_dir()) if images.is_dir() else []
+    if split is None or split not in found:
+        raise DataError(f"{images} has no split {split!r}; splits found there: {', '.join(found) or 'none'} (use --split)")
+    files = sorted((images / split).glob(f"*/*{CITYSCAPES_IMAGE_ENDING}.png"))
+    if not files:
+        raise DataError(f"no <city>/*{CITYSCAPES_IMAGE_ENDING}.png images in {images / split}")
+    return [ImageItem(p.stem.removesuffix(CITYSCAPES_IMAGE_ENDING), p) for p in files]
+
+
 def list_images(list_file: Path) -> list[ImageItem]:
     """Images named one per line in a text file (paths relative to the file's folder)."""
     base = list_file.parent
@@ -82,20 +114,36 @@ def list_images(list_file: Path) -> list[ImageItem]:
 
 
 def find_images(data: str | Path, split: str | None = None, fmt: str | None = None) -> list[ImageItem]:
-    """The images of a dataset. ``fmt`` None detects: a VOC root (has ``JPEGImages/``), a text file
-    listing images, or a folder (``images/`` subfolder or plain)."""
+    """The images of a dataset (``fmt``: voc, folder, list, ade20k or cityscapes; ``split`` where the
+    dataset has several). ``fmt`` None detects the format from the path (:func:`detect_format`)."""
     data = Path(data)
     if not data.exists():
         raise DataError(f"dataset path {data} does not exist; pass --data or set [dataset] root in ssvt.toml")
-    if fmt is None:
-        fmt = "list" if data.is_file() else "voc" if (data / "JPEGImages").is_dir() else "folder"
+    fmt = fmt or detect_format(data)
     if fmt == "voc":
         if split is None:
             raise DataError(f"{data} is a VOC root: choose a split with --split (e.g. train, val)")
         return voc_images(data, split)
     if fmt == "list":
         return list_images(data)
-    return folder_images(data)
+    if fmt == "ade20k":
+        return ade20k_images(data, split)
+    if fmt == "cityscapes":
+        return cityscapes_images(data, split)
+    return folder_images(data, split)
+
+
+def detect_format(data: Path) -> str:
+    """A text file listing images, a VOC root (``JPEGImages/``), a Cityscapes root (``leftImg8bit/``), an
+    ADE20K root (``images/training/`` and ``annotations/``), else a folder (``images/<split>/``,
+    ``images/`` or plain)."""
+    if data.is_file():
+        return "list"
+    if (data / "JPEGImages").is_dir():
+        return "voc"
+    if (data / "leftImg8bit").is_dir():
+        return "cityscapes"
+    return "ade20k" if (data / "images" / "training").is_dir() and (data / "annotations").is_dir() else "folder"
 
 
 def load_rgb(path: Path) -> Image.Image:

@@ -98,7 +98,7 @@ def protocol_items(run: LoadedRun, *, data: StrPath | None, split: str, workspac
     """The images to score: ``data`` (with ``split``), else those of the run's cached ``split`` store,
     else the workspace dataset's ``split``."""
     if data is not None:
-        return find_images(Path(data), split if Path(data, "JPEGImages").is_dir() else None)
+        return find_images(Path(data), split)
     val = sibling_store(run.config["store"]["path"], split)
     if FeatureStore.exists(val):
         store = FeatureStore.open(val)
@@ -158,8 +158,10 @@ def evaluate_group(
     seconds = time.perf_counter() - began
     paths = {item.id: str(item.path) for item in items}
     results = []
-    for scorer in scorers:
-        result = EvalResult.from_scorer(scorer, skipped=skipped, seconds=seconds, protocol=protocol, flip_tta=spec.flip)
+    for run, scorer in zip(runs, scorers, strict=True):
+        result = EvalResult.from_scorer(
+            scorer, skipped=skipped, seconds=seconds, protocol=protocol, flip_tta=spec.flip, names=run.config.get("classes")
+        )
         result.image_paths = {w.id: paths[w.id] for w in result.worst}
         results.append(result)
     return results, predictor.windows_run

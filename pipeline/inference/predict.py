@@ -98,6 +98,7 @@ def predict(
     """Write predictions of ``run_dir``'s head for ``items`` (lin/ms) or ``store_path``'s images (cache)."""
     out = Path(out)
     summary = PredictSummary(out, protocol)
+    names = load_run(run_dir)[1].get("classes")
     if protocol == CACHE:
         if store_path is None:
             raise ConfigError("--protocol cache predicts from a feature store: pass --store (or --split with a cached split)")
@@ -121,7 +122,7 @@ def predict(
         if p is None:
             summary.failed.append((item.id, error))
         else:
-            _write_one(item, p, out, overlay=overlay, probs=probs)
+            _write_one(item, p, out, overlay=overlay, probs=probs, names=names)
             summary.images += 1
         if progress:
             progress(done, total)
@@ -129,10 +130,10 @@ def predict(
     return summary
 
 
-def _write_one(item: ImageItem, p: torch.Tensor, out: Path, *, overlay: bool, probs: bool) -> None:
+def _write_one(item: ImageItem, p: torch.Tensor, out: Path, *, overlay: bool, probs: bool, names: list[str] | None) -> None:
     from pipeline.figures.predictions import overlay as draw_overlay
 
-    names = class_names(p.shape[0])
+    names = class_names(p.shape[0], names)
     pred = p.argmax(0).to(torch.uint8).cpu().numpy()
     save_palette_png(pred, out / f"{item.id}.png")
     if overlay:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,8 +63,11 @@ class EvalResult:
     image_paths: dict[str, str] = field(default_factory=dict)  # of the worst images, for worst.png
 
     @classmethod
-    def from_scorer(cls, scorer: Scorer, *, skipped: list[str], seconds: float, **extra: Any) -> EvalResult:
-        cm, names = scorer.cm, class_names(scorer.cm.num_classes)
+    def from_scorer(
+        cls, scorer: Scorer, *, skipped: list[str], seconds: float, names: Sequence[str] | None = None, **extra: Any
+    ) -> EvalResult:
+        """The result of a finished scorer; ``names`` are the classes' names (a run's ``classes``)."""
+        cm, names = scorer.cm, class_names(scorer.cm.num_classes, names)
         iou = {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, cm.iou(), strict=True)}
         return cls(
             miou=float(cm.miou()), per_class_iou=iou,
@@ -73,7 +76,11 @@ class EvalResult:
         )  # fmt: skip
 
 
-def class_names(num_classes: int) -> list[str]:
+def class_names(num_classes: int, names: Sequence[str] | None = None) -> list[str]:
+    """Names of ``num_classes`` classes: ``names`` (a workspace's ``classes``) when there are as many,
+    else VOC's for 21 classes, else class_0, class_1, ..."""
+    if names is not None and len(names) == num_classes:
+        return list(names)
     return list(CLASS_NAMES) if num_classes == len(CLASS_NAMES) else [f"class_{i}" for i in range(num_classes)]
 
 
@@ -109,8 +116,10 @@ def score_head(
     save_predictions: Path | None = None,
     device: str = "auto",
     progress: Callable[[int, int], None] | None = None,
+    names: Sequence[str] | None = None,
 ) -> EvalResult:
-    """mIoU of ``head`` on ``store``'s images against the original-resolution masks of ``gt``."""
+    """mIoU of ``head`` on ``store``'s images against the original-resolution masks of ``gt``;
+    ``names`` name the classes in the result (default: VOC's for 21 classes, else class_i)."""
     gt.require_dense("evaluation")
     reader = gt.reader(head.num_classes)
     if flip_tta and store.n_views < 2:
@@ -141,7 +150,7 @@ def score_head(
             progress(stop, store.n_images)
     if len(skipped) == store.n_images:
         raise LabelError(f"no ground truth in {gt.path} for any image of {store.path}; do the ids match?")
-    result = EvalResult.from_scorer(scorer, skipped=skipped, seconds=time.perf_counter() - began, flip_tta=flip_tta)
+    result = EvalResult.from_scorer(scorer, skipped=skipped, seconds=time.perf_counter() - began, flip_tta=flip_tta, names=names)
     if store.sources is not None:
         result.image_paths = {w.id: store.sources[store.ids.index(w.id)] for w in result.worst}
     return result
@@ -189,7 +198,16 @@ def evaluate(
         store_path = sibling_store(config["store"]["path"], val_split)
     store = FeatureStore.open(store_path)
     check_compatible(config, store)
-    result = score_head(head, store, gt, flip_tta=flip_tta, save_predictions=save_predictions, device=device, progress=progress)
+    result = score_head(
+        head,
+        store,
+        gt,
+        flip_tta=flip_tta,
+        save_predictions=save_predictions,
+        device=device,
+        progress=progress,
+        names=config.get("classes"),
+    )
     write_metrics(files, result, config, val_store=str(store.path))
     return result
 
@@ -199,7 +217,7 @@ def write_metrics(files: RunFiles, result: EvalResult, config: dict[str, Any], *
     from pipeline.figures.plots import confusion_figure
 
     protocol = result.protocol
-    names = class_names(result.confusion.shape[0])
+    names = list(result.per_class_iou)  # the names the result was made with
     np.save(files.confusion_for(protocol), result.confusion)
     confusion_figure(result.confusion, names, files.confusion_figure_for(protocol))
     trained = config.get("result", {})

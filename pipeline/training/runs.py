@@ -4,24 +4,28 @@ Usage::
 
     outcome = train_and_evaluate(TrainConfig(labels="eps"), ws.label_source("eps"), ws, gt=ws.labels["gt"])
     outcome.run_dir, outcome.evaluation.miou      # runs/eps-bn-linear, the val split's mIoU
+    train_many_and_evaluate([(cfg_a, "eps", dir_a), (cfg_b, "gt", dir_b)], ws, store_path=train)  # one pass, two heads
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+import shutil
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.cache.label_kinds import LabelSource
 from pipeline.cache.labels import LabelSet, ensure_labels
 from pipeline.cache.names import CacheLayout, RunFiles, StrPath, label_set_path, run_stem, sibling_store
 from pipeline.cache.store import FeatureStore
 from pipeline.config import TrainConfig, Workspace, label_source
-from pipeline.errors import ConfigError, LabelError
+from pipeline.errors import ConfigError, LabelError, SsvtError
 from pipeline.training.evaluate import EvalResult, evaluate
-from pipeline.training.train import TrainResult, train_head
+from pipeline.training.steplog import summary_writer_class, tensorboard_scalars
+from pipeline.training.train import HeadJob, TrainResult, fuse_key, train_head, train_heads
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +87,8 @@ def resolve_labels(
         return name
 
 
-def _made_label_set(store: FeatureStore, name: str) -> LabelSet:
-    """A label set ssvt wrote itself (no source files): used as it is, if it was made from this store."""
+def open_label_set(store: FeatureStore, name: str) -> LabelSet:
+    """A label set beside ``store`` (imported, or made by ssvt), used as it is if it was made from this store."""
     labels = LabelSet.open(label_set_path(store.path, name))
     if labels.attrs.get("store_fingerprint") != store.fingerprint():
         raise LabelError(f"label set {name!r} was made from another feature store than {store.path}; make it again")
@@ -105,13 +109,16 @@ def train_and_evaluate(
     progress: StageProgress | None = None,
 ) -> RunOutcome:
     """Import the label set if needed, train the head, and evaluate it when a validation store and
-    ground truth exist. Returns what was done; the run folder holds the rest.
+    ground truth exist. Returns what was done; the run folder holds the rest. With ``cfg.tensorboard``
+    the final mIoU and pixel accuracy join the run's TensorBoard scalars (``val/miou``, ``val/pixel_accuracy``).
 
     ``source`` is a label source, or the name of a label set ssvt made beside the training store
     (:func:`resolve_labels`). Settings are checked before anything is read or written: ``cfg`` (head
     name included) when it is built, the label source's kind here, so a bad name never leaves a run
     folder behind."""
     progress = progress or (lambda *_: None)
+    if cfg.tensorboard:
+        summary_writer_class()  # ConfigError when the tensorboard package is missing
     if isinstance(source, LabelSource) and not source.spec.trainable:
         raise LabelError(
             f"{source.name!r} holds image-level labels (kind {source.kind}); train on pseudo-masks made from them "
@@ -121,7 +128,7 @@ def train_and_evaluate(
     store = FeatureStore.open(train_path)
     num_classes = ws.num_classes if ws else 21
     if isinstance(source, str):
-        labels = _made_label_set(store, source)
+        labels = open_label_set(store, source)
     else:
         labels = ensure_labels(source, store, num_classes=num_classes, strict=strict,
                                progress=lambda d, t: progress(f"import {source.name}", d, t, None))  # fmt: skip
@@ -130,15 +137,70 @@ def train_and_evaluate(
     with run_log(run_dir):
         log.info("training %s head on %s with labels %r (%s, %.2f%% of pixels labelled)", cfg.head, train_path,
                  labels.name, labels.kind, 100 * labels.attrs["labelled_fraction"])  # fmt: skip
-        result = train_head(store, labels, cfg, run_dir, num_classes=num_classes,
+        result = train_head(store, labels, cfg, run_dir, num_classes=num_classes, class_names=ws.classes if ws else None,
                             progress=lambda s, t, loss: progress("train", s, t, loss))  # fmt: skip
-        log.info("trained %d steps over %d images in %.1f s", result.steps, result.images, result.seconds)
-        evaluation = None
-        val_path = val_store_path or (sibling_store(train_path, ws.val_split) if ws and ws.val_split else None)
-        if val_path is not None and Path(val_path).exists() and gt is not None:
-            evaluation = evaluate(run_dir, gt, store_path=val_path, device=cfg.device,
-                                  progress=lambda d, t: progress("evaluate", d, t, None))  # fmt: skip
-            log.info("validation mIoU %.4f on %d images (%s)", evaluation.miou, evaluation.images, val_path)
-        else:
-            log.info("no validation store or ground truth; not evaluated")
+        evaluation = _finish(run_dir, cfg, result, train_path, ws, gt, val_store_path, progress)
     return RunOutcome(run_dir, labels.name, result, evaluation)
+
+
+def _finish(
+    run_dir: Path, cfg: TrainConfig, result: TrainResult, train_path: Path, ws: Workspace | None,
+    gt: LabelSource | None, val_store_path: StrPath | None, progress: StageProgress,
+) -> EvalResult | None:  # fmt: skip
+    """Log the training, evaluate on the validation store when there is one and ground truth."""
+    log.info("trained %d steps over %d images in %.1f s", result.steps, result.images, result.seconds)
+    val_path = val_store_path or (sibling_store(train_path, ws.val_split) if ws and ws.val_split else None)
+    if val_path is None or not Path(val_path).exists() or gt is None:
+        log.info("no validation store or ground truth; not evaluated")
+        return None
+    evaluation = evaluate(run_dir, gt, store_path=val_path, device=cfg.device,
+                          progress=lambda d, t: progress("evaluate", d, t, None))  # fmt: skip
+    log.info("validation mIoU %.4f on %d images (%s)", evaluation.miou, evaluation.images, val_path)
+    if cfg.tensorboard:
+        tensorboard_scalars(run_dir, result.steps, {"val/miou": evaluation.miou,
+                                                    "val/pixel_accuracy": evaluation.pixel_accuracy})  # fmt: skip
+    return evaluation
+
+
+def train_many_and_evaluate(
+    jobs: Sequence[tuple[TrainConfig, str, Path]],
+    ws: Workspace,
+    *,
+    store_path: StrPath,
+    gt: LabelSource | None = None,
+    progress: StageProgress | None = None,
+) -> list[RunOutcome | SsvtError]:
+    """Train (config, label set name, run folder) jobs on one store, in as few passes over the features
+    as :func:`~pipeline.training.train.fuse_key` allows, and evaluate each. The label sets must be
+    imported already. Returns an outcome, or the error of a job that failed, per job in order."""
+    report = progress or (lambda *_: None)
+    store = FeatureStore.open(store_path)
+    out: dict[int, RunOutcome | SsvtError] = {}
+    groups: dict[Any, list[tuple[int, HeadJob]]] = {}
+    for i, (cfg, name, run_dir) in enumerate(jobs):
+        try:
+            job = HeadJob(open_label_set(store, name), cfg, run_dir)
+            key = fuse_key(store, job)
+        except SsvtError as exc:
+            out[i] = exc
+            continue
+        groups.setdefault(key if key is not None else ("alone", i), []).append((i, job))
+    for members in groups.values():
+        group = [job for _, job in members]
+        with contextlib.ExitStack() as logs:
+            for job in group:
+                shutil.rmtree(job.run_dir, ignore_errors=True)
+                logs.enter_context(run_log(job.run_dir))
+            log.info("training %d head(s) in one pass over %s: %s", len(group), store.path,
+                     ", ".join(f"{j.labels.name}/{j.cfg.head}" for j in group))  # fmt: skip
+            try:
+                results = train_heads(store, group, num_classes=ws.num_classes, class_names=ws.classes,
+                                      progress=lambda s, t, loss: report("train", s, t, loss))  # fmt: skip
+            except SsvtError as exc:
+                out.update((i, exc) for i, _ in members)
+                continue
+        for (i, job), result in zip(members, results, strict=True):
+            with run_log(job.run_dir):
+                evaluation = _finish(job.run_dir, job.cfg, result, Path(store_path), ws, gt, None, report)
+            out[i] = RunOutcome(job.run_dir, job.labels.name, result, evaluation)
+    return [out[i] for i in range(len(jobs))]

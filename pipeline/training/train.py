@@ -12,11 +12,12 @@ streamed shard by shard with shard-aligned shuffling; the choice is made here, n
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,11 @@ from pipeline.cache.names import ImageStatus, RunFiles
 from pipeline.cache.store import FeatureStore
 from pipeline.config import TrainConfig
 from pipeline.devices import fits_in_memory, pick_device
-from pipeline.errors import LabelError
+from pipeline.errors import ConfigError, LabelError
 from pipeline.heads import build_head
+from pipeline.provenance import environment
 from pipeline.training.losses import dense_loss, sparse_loss, subsampled_dense_loss
+from pipeline.training.steplog import StepLog, summary_writer_class
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,8 @@ TrainProgress = Callable[[int, int, float], None]
 @dataclass
 class TrainResult:
     """``steps`` optimiser steps made; ``epochs`` passes over the training images made, the last one
-    possibly cut short; ``history`` per step: "step", "loss" and "lr" (the rate that step used)."""
+    possibly cut short; ``history`` per step: "step" (1-based), "epoch" (1-based), "loss" and "lr" (the
+    rate that step used)."""
 
     run_dir: Path
     steps: int
@@ -162,6 +166,15 @@ def training_images(store: FeatureStore, labels: LabelSet) -> np.ndarray:
     return indices
 
 
+@dataclass(frozen=True)
+class HeadJob:
+    """One head to train: its labels, settings and run folder."""
+
+    labels: LabelSet
+    cfg: TrainConfig
+    run_dir: Path
+
+
 def train_head(
     store: FeatureStore,
     labels: LabelSet,
@@ -169,54 +182,116 @@ def train_head(
     run_dir: Path,
     *,
     num_classes: int,
+    class_names: Sequence[str] | None = None,
     progress: TrainProgress | None = None,
 ) -> TrainResult:
-    """Train ``cfg.head`` on ``store``'s tokens and ``labels`` and write the run folder (see README)."""
-    device = pick_device(cfg.device)
-    indices = training_images(store, labels)
-    masks = torch.from_numpy(labels.masks(indices)).to(device)  # (n, S, S) uint8, 255 = ignore
+    """Train ``cfg.head`` on ``store``'s tokens and ``labels`` and write the run folder (see README):
+    metrics.csv as training goes (and TensorBoard events with ``cfg.tensorboard``), the rest at the end."""
+    job = HeadJob(labels, cfg, run_dir)
+    return train_heads(store, [job], num_classes=num_classes, class_names=class_names, progress=progress)[0]
+
+
+def fuse_key(store: FeatureStore, job: HeadJob) -> tuple[Any, ...] | None:
+    """Jobs with equal keys can share one pass over the features (:func:`train_heads`); None for a job
+    that must train alone: its loss draws random pixels, which would shift the shared random stream."""
+    cfg = job.cfg
+    if not job.labels.sparse and cfg.pixels_per_image is not None:
+        return None
+    indices = training_images(store, job.labels)
+    steps = cfg.total_steps(len(indices))
+    return (str(store.path), indices.tobytes(), cfg.batch_size, cfg.seed, cfg.flip, steps, cfg.device, cfg.memory)
+
+
+class HeadLearner:
+    """One head with its optimiser, schedule, labels on the device and step log."""
+
+    def __init__(self, job: HeadJob, masks: torch.Tensor, channels: int, n_layers: int, num_classes: int, total: int):
+        cfg = self.cfg = job.cfg
+        self.job, self.masks = job, masks
+        torch.manual_seed(cfg.seed)  # the head's initial weights, as a separate run draws them
+        self.head = build_head(cfg.head, channels, num_classes, n_layers=n_layers).to(masks.device)
+        self.optim = torch.optim.AdamW(self.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        factor = lr_lambda(cfg.schedule, total, cfg.warmup_steps(total), cfg.poly_power)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.optim, factor)
+        self.log = StepLog(job.run_dir, tensorboard=cfg.tensorboard)
+        self.running = float("nan")
+        self.head.train()
+
+    def step(
+        self, x: torch.Tensor, pos: torch.Tensor, flipped: torch.Tensor, n_step: int, epoch: int, generator: torch.Generator
+    ) -> None:
+        """One optimiser step on tokens ``x`` (b, h, w, C) of images ``pos``, some seen mirrored."""
+        target = self.masks[pos.to(self.masks.device)]
+        target = torch.where(flipped[:, None, None], target.flip(-1), target)
+        loss = _loss(self.head(x), target, self.job.labels.sparse, self.cfg.pixels_per_image, generator)
+        self.optim.zero_grad(set_to_none=True)
+        loss.backward()
+        lr = float(self.sched.get_last_lr()[0])  # the rate this step uses
+        self.optim.step()
+        self.sched.step()
+        value = float(loss.detach())
+        self.running = value if math.isnan(self.running) else 0.9 * self.running + 0.1 * value
+        self.log.append({"step": n_step, "epoch": epoch, "loss": value, "lr": lr})
+
+
+def train_heads(
+    store: FeatureStore,
+    jobs: Sequence[HeadJob],
+    *,
+    num_classes: int,
+    class_names: Sequence[str] | None = None,
+    progress: TrainProgress | None = None,
+) -> list[TrainResult]:
+    """Train several heads in one pass over the features: each batch is read once and every head takes
+    a step on it, with its own labels, optimiser and schedule. The jobs must share a :func:`fuse_key`;
+    each head is the one :func:`train_head` gives for its job alone, bit for bit. ``seconds`` of each
+    result is the pass's time divided by the number of heads."""
+    keys = {fuse_key(store, job) for job in jobs}
+    if len(jobs) > 1 and (len(keys) > 1 or None in keys):
+        raise ConfigError("these heads cannot share a pass: they differ in images, batch size, seed, flip, steps or device")
+    first = jobs[0].cfg
+    if any(job.cfg.tensorboard for job in jobs):
+        summary_writer_class()  # a missing package fails before the features are loaded
+    device = pick_device(first.device)
+    indices = training_images(store, jobs[0].labels)
     nbytes = len(indices) * store.n_views * store.grid[0] * store.grid[1] * store.channels * 2
-    in_memory = cfg.memory == "ram" or (cfg.memory == "auto" and fits_in_memory(nbytes, device))
-    torch.manual_seed(cfg.seed)
-    head = build_head(cfg.head, store.channels, num_classes, n_layers=len(store.layers)).to(device)
-    batches = FeatureBatches(store, indices, cfg.batch_size, device, in_memory)
-    total = cfg.total_steps(len(indices))
-    factor = lr_lambda(cfg.schedule, total, cfg.warmup_steps(total), cfg.poly_power)
-    optim = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, factor)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    history: dict[str, list[float]] = {"step": [], "loss": [], "lr": []}
-    use_flip = cfg.flip and store.n_views > 1
-    began, step, running = time.perf_counter(), 0, float("nan")
-    head.train()
-    epochs = 0
-    while step < total:
-        epochs += 1
-        for pos, tokens in batches.epoch(generator):
-            if step == total:
-                break
-            view = torch.randint(0, 2, (len(pos),), generator=generator) if use_flip else torch.zeros(len(pos), dtype=torch.long)
-            target = masks[pos.to(device)]
-            flipped = (view == 1).to(device)
-            target = torch.where(flipped[:, None, None], target.flip(-1), target)
-            logits = head(tokens[torch.arange(len(pos), device=device), view.to(device)])
-            loss = _loss(logits, target, labels.sparse, cfg.pixels_per_image, generator)
-            optim.zero_grad(set_to_none=True)
-            loss.backward()
-            history["lr"].append(float(sched.get_last_lr()[0]))  # the rate this step uses
-            optim.step()
-            sched.step()
-            step += 1
-            value = float(loss.detach())
-            running = value if math.isnan(running) else 0.9 * running + 0.1 * value
-            history["step"].append(step)
-            history["loss"].append(value)
-            if progress:
-                progress(step, total, running)
-    head.eval()
-    result = TrainResult(run_dir, step, epochs, len(indices), time.perf_counter() - began, in_memory, history)
-    write_run(run_dir, head, cfg, store, labels, num_classes, result)
-    return result
+    in_memory = first.memory == "ram" or (first.memory == "auto" and fits_in_memory(nbytes, device))
+    total = first.total_steps(len(indices))
+    masks: dict[Path, torch.Tensor] = {}  # (n, S, S) uint8 per label set, 255 = ignore; shared by its heads
+    learners = []
+    for job in jobs:
+        if job.labels.path not in masks:
+            masks[job.labels.path] = torch.from_numpy(job.labels.masks(indices)).to(device)
+        learners.append(HeadLearner(job, masks[job.labels.path], store.channels, len(store.layers), num_classes, total))
+    batches = FeatureBatches(store, indices, first.batch_size, device, in_memory)
+    generator = torch.Generator().manual_seed(first.seed)
+    use_flip = first.flip and store.n_views > 1
+    began, step, epochs = time.perf_counter(), 0, 0
+    with contextlib.ExitStack() as stack:
+        for learner in learners:
+            stack.enter_context(learner.log)
+        while step < total:
+            epochs += 1
+            for pos, tokens in batches.epoch(generator):
+                if step == total:
+                    break
+                n = len(pos)
+                view = torch.randint(0, 2, (n,), generator=generator) if use_flip else torch.zeros(n, dtype=torch.long)
+                x = tokens[torch.arange(n, device=device), view.to(device)]
+                step += 1
+                for learner in learners:
+                    learner.step(x, pos, (view == 1).to(device), step, epochs, generator)
+                if progress:
+                    progress(step, total, learners[0].running)
+    seconds = (time.perf_counter() - began) / len(learners)
+    results = []
+    for learner in learners:
+        learner.head.eval()
+        result = TrainResult(learner.job.run_dir, step, epochs, len(indices), seconds, in_memory, learner.log.history)
+        write_run(learner.job.run_dir, learner.head, learner.cfg, store, learner.job.labels, num_classes, result,
+                  device=str(device), heads_in_pass=len(learners), class_names=class_names)  # fmt: skip
+        results.append(result)
+    return results
 
 
 def _loss(
@@ -237,8 +312,13 @@ def write_run(
     labels: LabelSet,
     num_classes: int,
     result: TrainResult,
+    *,
+    device: str | None = None,
+    heads_in_pass: int = 1,
+    class_names: Sequence[str] | None = None,
 ) -> None:
-    """head.safetensors, config.json (train + head config and the fingerprints used), history.json, curve.png."""
+    """head.safetensors, config.json (train + head config, the fingerprints used and the environment:
+    command line, versions, ``device``, git commit), history.json, curve.png."""
     from pipeline.figures.plots import curve_figure
 
     files = RunFiles(run_dir)
@@ -248,11 +328,13 @@ def write_run(
         "train": cfg.to_dict(),
         "head": head.config,
         "num_classes": num_classes,
+        "classes": list(class_names) if class_names is not None and len(class_names) == num_classes else None,
         "store": {"path": str(store.path), "fingerprint": store.fingerprint(), "identity": store.identity.for_heads(),
                   "size": store.identity.size, "extract_config": store.attrs.get("extract_config")},
         "labels": {"name": labels.name, "kind": labels.kind, "path": str(labels.path), "fingerprint": labels.fingerprint},
         "result": {"steps": result.steps, "epochs": result.epochs, "images": result.images,
-                   "seconds": round(result.seconds, 3), "in_memory": result.in_memory},
+                   "seconds": round(result.seconds, 3), "in_memory": result.in_memory, "heads_in_pass": heads_in_pass},
+        "environment": environment(device),
     }  # fmt: skip
     files.config.write_text(json.dumps(config, indent=2))
     files.history.write_text(json.dumps(result.history))
