@@ -30,6 +30,7 @@ _API = {
     "ExtractConfig": "pipeline.config",
     "TrainConfig": "pipeline.config",
     "KMeansVizConfig": "pipeline.config",
+    "AblateConfig": "pipeline.config",
     "find_images": "pipeline.features.data",
     "extract": "pipeline.features.extract",
     "store_path": "pipeline.features.extract",
@@ -40,29 +41,38 @@ _API = {
     "train_and_evaluate": "pipeline.training.runs",
     "evaluate": "pipeline.training.evaluate",
     "evaluate_runs": "pipeline.inference.evaluate",
+    "run_ablation": "pipeline.training.ablate",
+    "score_labels": "pipeline.training.label_quality",
+    "StoreDataset": "pipeline.training.dataset",
+    "ShardShuffleSampler": "pipeline.training.dataset",
+    "ShardBatchSampler": "pipeline.training.dataset",
     "predict": "pipeline.inference.predict",
     "kmeans_viz": "pipeline.figures.shape_prior",
     "register_head": "pipeline.heads",
     "register_label_kind": "pipeline.cache.label_kinds",
 }
 __all__ = [
-    "ExtractConfig", "FeatureStore", "KMeansVizConfig", "LabelSet", "LabelSource", "TrainConfig", "Workspace", "__version__",
-    "ensure_labels", "evaluate", "evaluate_runs", "extract", "find_images", "kmeans_viz", "predict", "register_head",
-    "register_label_kind", "store_path", "train_and_evaluate",
+    "AblateConfig", "ExtractConfig", "FeatureStore", "KMeansVizConfig", "LabelSet", "LabelSource", "ShardBatchSampler",
+    "ShardShuffleSampler", "StoreDataset", "TrainConfig", "Workspace", "__version__", "ensure_labels", "evaluate",
+    "evaluate_runs", "extract", "find_images", "kmeans_viz", "predict", "register_head", "register_label_kind", "run_ablation",
+    "score_labels", "store_path", "train_and_evaluate",
 ]  # fmt: skip
 
 if TYPE_CHECKING:
     from pipeline.cache.label_kinds import LabelSource, register_label_kind
     from pipeline.cache.labels import LabelSet, ensure_labels
     from pipeline.cache.store import FeatureStore
-    from pipeline.config import ExtractConfig, KMeansVizConfig, TrainConfig, Workspace
+    from pipeline.config import AblateConfig, ExtractConfig, KMeansVizConfig, TrainConfig, Workspace
     from pipeline.features.data import find_images
     from pipeline.features.extract import extract, store_path
     from pipeline.figures.shape_prior import kmeans_viz
     from pipeline.heads import register_head
     from pipeline.inference.evaluate import evaluate_runs
     from pipeline.inference.predict import predict
+    from pipeline.training.ablate import run_ablation
+    from pipeline.training.dataset import ShardBatchSampler, ShardShuffleSampler, StoreDataset
     from pipeline.training.evaluate import evaluate
+    from pipeline.training.label_quality import score_labels
     from pipeline.training.runs import train_and_evaluate
 
 

@@ -185,3 +185,13 @@ def test_the_cache_layer_needs_no_torch(modules_loaded_by):
     cache = "import pipeline.cache.store, pipeline.cache.names, pipeline.cache.labels, pipeline.cache.label_kinds"
     assert modules_loaded_by(cache, "torch", "transformers") == []
     assert "torch" in modules_loaded_by("import pipeline.devices", "torch")  # the probe sees torch when it is there
+
+
+def test_public_api_resolves_lazily(modules_loaded_by):
+    """Every name ``import pipeline`` exports resolves, and importing the package loads no torch."""
+    import pipeline
+
+    for name in pipeline.__all__:
+        assert getattr(pipeline, name) is not None, name
+    assert sorted(dir(pipeline)) == sorted(pipeline.__all__)
+    assert modules_loaded_by("import pipeline", "torch") == []

@@ -91,7 +91,7 @@ def ablate_cmd(
     train = TrainConfig(**train_overrides(list(ctx.args)))
     cfg = AblateConfig(name=name, labels=_names(labels), heads=_names(heads), features=_names(features or ""), seeds=seeds,
                        rows=rows, cols=cols, protocol=protocol, train=train)  # fmt: skip
-    with progress_bar("cell/s") as bar:
+    with progress_bar("it/s") as bar:
         grid = run_ablation(cfg, ws, gt=label_source(gt, ws), progress=stage_bars(bar))
     console.print(grid.table, markup=False)
     for failure in grid.failed:

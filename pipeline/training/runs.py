@@ -184,7 +184,7 @@ def train_many_and_evaluate(
         except SsvtError as exc:
             out[i] = exc
             continue
-        groups.setdefault(key if key is not None else ("alone", i), []).append((i, job))
+        groups.setdefault(key, []).append((i, job))
     for members in groups.values():
         group = [job for _, job in members]
         with contextlib.ExitStack() as logs:

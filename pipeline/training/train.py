@@ -191,12 +191,14 @@ def train_head(
     return train_heads(store, [job], num_classes=num_classes, class_names=class_names, progress=progress)[0]
 
 
-def fuse_key(store: FeatureStore, job: HeadJob) -> tuple[Any, ...] | None:
-    """Jobs with equal keys can share one pass over the features (:func:`train_heads`); None for a job
-    that must train alone: its loss draws random pixels, which would shift the shared random stream."""
+#: Offset of the seed of a head's own random stream (the pixels its loss samples) from ``cfg.seed``.
+LOSS_SEED_OFFSET = 2**31
+
+
+def fuse_key(store: FeatureStore, job: HeadJob) -> tuple[Any, ...]:
+    """Jobs with equal keys can share one pass over the features (:func:`train_heads`): the same
+    training images, batches, views and number of steps."""
     cfg = job.cfg
-    if not job.labels.sparse and cfg.pixels_per_image is not None:
-        return None
     indices = training_images(store, job.labels)
     steps = cfg.total_steps(len(indices))
     return (str(store.path), indices.tobytes(), cfg.batch_size, cfg.seed, cfg.flip, steps, cfg.device, cfg.memory)
@@ -214,16 +216,17 @@ class HeadLearner:
         factor = lr_lambda(cfg.schedule, total, cfg.warmup_steps(total), cfg.poly_power)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.optim, factor)
         self.log = StepLog(job.run_dir, tensorboard=cfg.tensorboard)
+        # The loss's random pixels come from the head's own stream, so heads sharing a pass do not
+        # shift each other's draws (or the shared batch order).
+        self.generator = torch.Generator().manual_seed(cfg.seed + LOSS_SEED_OFFSET)
         self.running = float("nan")
         self.head.train()
 
-    def step(
-        self, x: torch.Tensor, pos: torch.Tensor, flipped: torch.Tensor, n_step: int, epoch: int, generator: torch.Generator
-    ) -> None:
+    def step(self, x: torch.Tensor, pos: torch.Tensor, flipped: torch.Tensor, n_step: int, epoch: int) -> None:
         """One optimiser step on tokens ``x`` (b, h, w, C) of images ``pos``, some seen mirrored."""
         target = self.masks[pos.to(self.masks.device)]
         target = torch.where(flipped[:, None, None], target.flip(-1), target)
-        loss = _loss(self.head(x), target, self.job.labels.sparse, self.cfg.pixels_per_image, generator)
+        loss = _loss(self.head(x), target, self.job.labels.sparse, self.cfg.pixels_per_image, self.generator)
         self.optim.zero_grad(set_to_none=True)
         loss.backward()
         lr = float(self.sched.get_last_lr()[0])  # the rate this step uses
@@ -247,7 +250,7 @@ def train_heads(
     each head is the one :func:`train_head` gives for its job alone, bit for bit. ``seconds`` of each
     result is the pass's time divided by the number of heads."""
     keys = {fuse_key(store, job) for job in jobs}
-    if len(jobs) > 1 and (len(keys) > 1 or None in keys):
+    if len(keys) > 1:
         raise ConfigError("these heads cannot share a pass: they differ in images, batch size, seed, flip, steps or device")
     first = jobs[0].cfg
     if any(job.cfg.tensorboard for job in jobs):
@@ -280,7 +283,7 @@ def train_heads(
                 x = tokens[torch.arange(n, device=device), view.to(device)]
                 step += 1
                 for learner in learners:
-                    learner.step(x, pos, (view == 1).to(device), step, epochs, generator)
+                    learner.step(x, pos, (view == 1).to(device), step, epochs)
                 if progress:
                     progress(step, total, learners[0].running)
     seconds = (time.perf_counter() - began) / len(learners)
