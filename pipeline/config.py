@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from pipeline.cache.datasets import DATASET_CLASSES, MASK_MAPPINGS, folder_splits
-from pipeline.cache.geometry import IGNORE, PATCH
+from pipeline.cache.geometry import IGNORE
 from pipeline.cache.label_kinds import LabelSource, guess_kind
 from pipeline.cache.names import CacheLayout
 from pipeline.errors import ConfigError
@@ -55,7 +55,9 @@ class ExtractConfig(ConfigDict):
 
     ``layers`` is "last", "last4" or comma-separated block indices ("8,9,10,11"). ``random_init``
     builds the backbone without pretrained weights (tests, the offline demo); ``overrides`` change
-    the architecture (tests build ``{"num_hidden_layers": 2}`` models).
+    the architecture (tests build ``{"num_hidden_layers": 2}`` models). ``size`` must be a multiple of
+    the model's patch size, which this module cannot know: :func:`pipeline.features.extract.resolved_patch`
+    checks it, before anything is extracted.
     """
 
     model: str = "dinov2_vitl14"
@@ -73,11 +75,8 @@ class ExtractConfig(ConfigDict):
     strict: bool = False
 
     def __post_init__(self) -> None:
-        if self.size <= 0 or self.size % PATCH:
-            raise ConfigError(
-                f"--size must be a positive multiple of {PATCH}, got {self.size} "
-                f"(try {round(self.size / PATCH) * PATCH or PATCH})"
-            )
+        if self.size <= 0:
+            raise ConfigError(f"--size must be positive, got {self.size}")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.workers < 0:

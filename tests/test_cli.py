@@ -240,7 +240,7 @@ def test_errors_are_one_red_line(toy_copy, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["extract", "--size", "450"])
     assert result.exit_code == 1
-    assert "multiple of 14" in result.output
+    assert "size must be a multiple of the patch size 14 of dinov2_vitl14, got 450 (try 448)" in result.output
     assert "Traceback" not in result.output
     result = runner.invoke(app, ["extract"])
     assert result.exit_code == 1

@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -8,15 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 from PIL import Image
 
 from pipeline.cache.store import FeatureStore
 from pipeline.config import ExtractConfig
-from pipeline.errors import DataError, StoreMismatchError
+from pipeline.errors import ConfigError, DataError, StoreMismatchError
 from pipeline.features.data import find_images
 from pipeline.features.extract import Forward, extract, shard_batches
 
 TINY = {"model": "vit_tiny_test", "random_init": True, "size": 56, "workers": 0, "batch_size": 3, "images_per_shard": 4}
+#: The tiny model with 16-pixel patches (position table kept at 37 x 37), as ExtractConfig asks for it.
+PATCH16 = {"model": "vit_tiny_test", "overrides": {"patch_size": 16}}
 
 
 def arrays(path: Path) -> dict[str, np.ndarray]:
@@ -100,6 +104,70 @@ def test_corrupt_image_reported_and_run_goes_on(toy, tmp_path):
         extract(items, tmp_path / "strict.zarr", ExtractConfig(**TINY, strict=True))
     kept = FeatureStore.open(tmp_path / "strict.zarr")
     assert kept.done_shards().tolist() == [True, False]  # the shard before the bad image is kept
+
+
+def test_store_at_patch_16_holds_the_model_tokens_and_records_its_patch(toy, tmp_path):
+    from pipeline.features.backbones import build_backbone
+    from pipeline.features.data import CanvasDataset
+
+    items = find_images(toy.voc_root, "val")[:3]
+    cfg = ExtractConfig(**{**TINY, **PATCH16, "size": 64}, flip=True)
+    extract(items, tmp_path / "s.zarr", cfg)
+    s = FeatureStore.open(tmp_path / "s.zarr")
+    assert (s.patch, s.attrs["patch"], s.size, s.grid) == (16, 16, 64, (4, 4))
+    assert s.attrs["extract_config"]["overrides"] == {"patch_size": 16}  # the online protocols rebuild it
+    bb = build_backbone("vit_tiny_test", None, overrides=PATCH16["overrides"], seed=0)
+    assert bb.patch_size == 16
+    _, pixels, geometry, _ = CanvasDataset(items, 64, bb.mean, bb.std)[2]
+    ref, _ = bb(torch.stack([pixels, pixels.flip(-1)]), (2,))
+    assert ref.shape == (2, 4, 4, 48)
+    np.testing.assert_allclose(s.read_tokens(2, 3)[0], ref.numpy(), atol=2e-3, rtol=1e-2)
+    np.testing.assert_array_equal(s.geometry()[2], geometry.numpy())
+
+
+def test_size_not_a_multiple_of_the_patch_is_one_line_before_any_work(toy, tmp_path):
+    from pipeline.cache.names import CacheLayout
+    from pipeline.features.extract import load_backbone, plan_extract, resolved_patch, store_path
+
+    items = find_images(toy.voc_root, "val")
+    cases = [(PATCH16, 56, 16, 64), ({"model": "vit_tiny_test"}, 64, 14, 70), ({"model": "dinov2_vitl14"}, 450, 14, 448)]
+    for model, size, patch, near in cases:
+        cfg = ExtractConfig(**{**TINY, **model, "size": size})
+        message = f"size must be a multiple of the patch size {patch} of {cfg.model}, got {size} (try {near})"
+        for call in (
+            lambda cfg=cfg: resolved_patch(cfg),
+            lambda cfg=cfg: load_backbone(cfg),
+            lambda cfg=cfg: store_path(cfg, CacheLayout(tmp_path), "val"),
+            lambda cfg=cfg: plan_extract(cfg, None, data=toy.voc_root, out=tmp_path / "x.zarr"),
+            lambda cfg=cfg: extract(items, tmp_path / "x.zarr", cfg),
+        ):
+            with pytest.raises(ConfigError) as info:
+                call()
+            assert str(info.value) == message
+    assert not (tmp_path / "x.zarr").exists()
+    at_64 = ExtractConfig(**{**TINY, **PATCH16, "size": 64})
+    assert resolved_patch(at_64) == 16
+    with pytest.raises(ConfigError, match="patch size 16 of vit_tiny_test, got 56"):  # the backbone handed in decides
+        extract(items, tmp_path / "x.zarr", ExtractConfig(**TINY), backbone=load_backbone(at_64))
+
+
+def test_store_written_before_the_patch_attribute_opens_as_14_and_resumes(toy, tmp_path):
+    items = find_images(toy.voc_root, "val")
+    out = tmp_path / "old.zarr"
+    extract(items, out, ExtractConfig(**TINY))
+    expected = arrays(out)
+    meta = json.loads((out / "zarr.json").read_text())  # as ssvt wrote it before `patch` (schema 1)
+    del meta["attributes"]["patch"]
+    (out / "zarr.json").write_text(json.dumps(meta))
+    zarr.open_array(out / "shard_done", mode="r+")[1] = 0  # an unfinished run
+    old = FeatureStore.open(out)
+    assert (old.patch, old.grid, old.info()["patch"]) == (14, (4, 4), 14)
+    assert old.missing_shards() == [1]
+    summary = extract(items, out, ExtractConfig(**TINY))
+    assert (summary.shards_written, summary.shards_skipped) == (1, 1)
+    assert "patch" not in json.loads((out / "zarr.json").read_text())["attributes"]  # metadata is written once
+    for name, value in arrays(out).items():
+        np.testing.assert_array_equal(value, expected[name])
 
 
 def test_batches_never_straddle_shards(toy, tmp_path):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.cache.geometry import Geometry, fit_geometry, points_to_canvas
+from pipeline.cache.geometry import Geometry, check_size, fit_geometry, points_to_canvas
 from pipeline.errors import ConfigError
 
 
@@ -17,9 +17,23 @@ def test_fit_geometry_longer_side_fills_canvas_centred(h, w):
     assert Geometry.from_row(g.to_row(), 448) == g
 
 
-def test_size_must_be_multiple_of_patch():
-    with pytest.raises(ConfigError, match="multiple of 14"):
-        fit_geometry(10, 10, 450)
+@pytest.mark.parametrize(("size", "patch"), [(448, 14), (448, 16), (64, 16), (64, 8), (224, 14)])
+def test_sizes_that_are_multiples_of_the_patch_pass(size, patch):
+    assert check_size(size, patch, "m") == size
+
+
+@pytest.mark.parametrize(("size", "patch", "near"), [(450, 14, 448), (56, 16, 64), (70, 16, 64), (0, 8, 8), (10, 14, 14)])
+def test_size_must_be_multiple_of_patch_in_one_line(size, patch, near):
+    with pytest.raises(ConfigError, match=f"^size must be a multiple of the patch size {patch} of m, got {size}") as info:
+        check_size(size, patch, "m")
+    assert str(info.value).endswith(f"(try {near})")
+    assert "\n" not in str(info.value)
+
+
+def test_geometry_takes_any_positive_size():
+    assert fit_geometry(10, 10, 450).canvas == 450  # the canvas does not know the patch; check_size does
+    with pytest.raises(ConfigError, match="positive"):
+        fit_geometry(10, 10, 0)
 
 
 def test_content_mask_grid_marks_patches_touching_content():
@@ -29,6 +43,15 @@ def test_content_mask_grid_marks_patches_touching_content():
     np.testing.assert_array_equal(grid.any(axis=1), [False, True, True, False])
     assert grid.all(axis=0).sum() == 0
     assert grid.any(axis=0).all()
+
+
+def test_content_mask_at_patch_16():
+    g = fit_geometry(30, 64, 64)  # content 30 x 64 at rows 17..46 -> patch rows 1 (16..31) and 2 (32..47) of 4
+    grid = g.content_mask(grid=4)
+    np.testing.assert_array_equal(grid.any(axis=1), [False, True, True, False])
+    assert grid.any(axis=0).all()
+    pixels = g.content_mask()
+    np.testing.assert_array_equal(grid, pixels.reshape(4, 16, 4, 16).any(axis=(1, 3)))
 
 
 def test_points_map_with_the_resize():

@@ -206,3 +206,89 @@ def test_a_workspace_class_list_names_metrics_and_predictions(ws, tmp_path):
     predict(tmp_path / "run", tmp_path / "pred", store_path=store_path(TINY, named.layout, "val"), protocol="cache", probs=True)
     first = FeatureStore.open(store_path(TINY, named.layout, "val")).ids[0]
     assert load_probs(tmp_path / "pred" / "probs" / f"{first}.npz")[1] == names
+
+
+# --- a backbone with 16-pixel patches, end to end ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def p16(tmp_path_factory, toy) -> tuple[Workspace, ExtractConfig, Path]:
+    """The toy workspace extracted at patch 16 (canvas 64, grid 4 x 4) and a head trained on its gt."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("patch16") / "toy"
+    shutil.copytree(toy.root, root)
+    w = Workspace.load(root / "ssvt.toml")
+    cfg = ExtractConfig(model="vit_tiny_test", random_init=True, size=64, overrides={"patch_size": 16}, workers=0)
+    for split in ("train", "val"):
+        extract(find_images(w.data_root, split), store_path(cfg, w.layout, split), cfg)
+    run = root / "runs" / "gt16"
+    train_and_evaluate(FAST, w.labels["gt"], w, store_path=store_path(cfg, w.layout, "train"), gt=w.labels["gt"], out=run)
+    return w, cfg, run
+
+
+def test_patch16_store_geometry_and_content_masks(p16):
+    from pipeline.cache.geometry import fit_geometry
+
+    w, cfg, _ = p16
+    store = FeatureStore.open(store_path(cfg, w.layout, "val"))
+    assert (store.patch, store.attrs["patch"], store.size, store.grid) == (16, 16, 64, (4, 4))
+    assert store.attrs["extract_config"]["overrides"] == {"patch_size": 16}
+    mixed = 0
+    for source, geom in zip(store.sources or [], store.geometries(), strict=True):
+        height, width = np.asarray(load_rgb(Path(source))).shape[:2]
+        assert geom == fit_geometry(height, width, 64)
+        blocks = geom.content_mask().reshape(4, 16, 4, 16)  # (row, pixel row, col, pixel col): 16 pixels a token
+        np.testing.assert_array_equal(geom.content_mask(grid=4), blocks.any(axis=(1, 3)))
+        mixed += int((blocks.any(axis=(1, 3)) & ~blocks.all(axis=(1, 3))).sum())
+    assert mixed > 0  # the images are not square: patches holding content and padding exist and count as content
+
+
+def test_patch16_labels_lie_on_the_64_pixel_canvas(p16):
+    from pipeline.cache import label_readers as readers
+    from pipeline.cache.geometry import mask_to_canvas
+    from pipeline.cache.labels import ensure_labels
+
+    w, cfg, _ = p16
+    store = FeatureStore.open(store_path(cfg, w.layout, "train"))
+    gt = ensure_labels(w.labels["gt"], store, num_classes=21)
+    scribble = ensure_labels(w.labels["scribble"], store, num_classes=21)
+    assert (gt.canvas, scribble.canvas) == (64, 64)
+    masks, strokes = gt.masks(np.arange(store.n_images)), scribble.masks(np.arange(store.n_images))
+    assert masks.shape == strokes.shape == (store.n_images, 64, 64)
+    for i, geom in enumerate(store.geometries()):
+        expected = mask_to_canvas(readers.read_mask(readers.find_mask(w.labels["gt"].path, store.ids[i])), geom)
+        np.testing.assert_array_equal(masks[i], expected)
+        outside = ~geom.content_mask()
+        assert (masks[i][outside] == 255).all()
+        assert (strokes[i][outside] == 255).all()
+        padding_patches = ~geom.content_mask(grid=4)
+        blocks = masks[i].reshape(4, 16, 4, 16).transpose(0, 2, 1, 3)
+        assert (blocks[padding_patches] == 255).all()
+
+
+def test_patch16_head_trains_and_scores_at_the_original_resolution(p16, small_lin, tmp_path, monkeypatch):
+    from pipeline.inference import online
+
+    w, _, run = p16
+    config = json.loads((run / "config.json").read_text())
+    assert config["store"]["extract_config"]["overrides"] == {"patch_size": 16}
+    cached = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= cached["miou"] <= 1.0
+    result = evaluate(run, w.labels["gt"], save_predictions=tmp_path / "cache")
+    assert result.images == 8
+    assert result.miou == pytest.approx(cached["miou"])
+    pads = []
+    real_pad = online.centre_pad
+    monkeypatch.setattr(online, "centre_pad", lambda x, multiple: pads.append(multiple) or real_pad(x, multiple))
+    [lin] = evaluate_runs(
+        [run], w.labels["gt"], protocol="lin", workspace=w, device="cpu", workers=0, save_predictions=tmp_path / "lin"
+    )
+    assert 0.0 <= lin.result.miou <= 1.0
+    assert lin.result.images == 8
+    assert set(pads) == {16}  # the 42-pixel windows are padded to 48, a 3 x 3 grid of 16-pixel patches
+    for item in find_images(w.data_root, "val"):
+        size = load_rgb(item.path).size
+        for protocol in ("cache", "lin"):
+            with Image.open(tmp_path / protocol / f"{item.id}.png") as pred:
+                assert pred.size == size, (protocol, item.id)

@@ -67,11 +67,13 @@ def test_upsampled_at_equals_interpolate_everywhere(b: int, k: int, h: int, w: i
     torch.testing.assert_close(picked, full.permute(0, 2, 3, 1).reshape(-1, k), rtol=1e-12, atol=1e-12)
 
 
-def test_upsampled_at_float32_and_default_canvas_size() -> None:
+@pytest.mark.parametrize("patch", [14, 16, 8])
+def test_upsampled_at_float32_on_the_canvas_of_any_patch(patch: int) -> None:
     logits = make_logits(2, 21, 4, 4, dtype=torch.float32).detach()
-    full = F.interpolate(logits, size=(56, 56), mode="bilinear", align_corners=False)
-    px = labelled_pixels(sparse_labels(2, 56, 56, 21, 0.1))
-    picked = upsampled_at(logits, px.batch_idx, px.y, px.x)  # label_size defaults to 14 * grid
+    s = 4 * patch  # the canvas of a 4 x 4 grid
+    full = F.interpolate(logits, size=(s, s), mode="bilinear", align_corners=False)
+    px = labelled_pixels(sparse_labels(2, s, s, 21, 0.1))
+    picked = upsampled_at(logits, px.batch_idx, px.y, px.x, label_size=(s, s))
     torch.testing.assert_close(picked, full[px.batch_idx, :, px.y, px.x], rtol=1e-5, atol=1e-5)
 
 
@@ -131,10 +133,10 @@ def test_precomputed_per_image_samples() -> None:
     for a, b in zip(stacked, whole, strict=True):
         assert torch.equal(a, b)
     expected = dense_loss(logits, labels)
-    torch.testing.assert_close(samples_loss(logits, per_image), expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(samples_loss(logits, per_image, (56, 56)), expected, rtol=1e-12, atol=0)
     torch.testing.assert_close(samples_loss(logits, stacked, label_size=(56, 56)), expected, rtol=1e-12, atol=0)
     coords = (stacked.batch_idx, stacked.y, stacked.x)
-    torch.testing.assert_close(point_sampled_loss(logits, coords, stacked.target), expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(point_sampled_loss(logits, coords, stacked.target, (56, 56)), expected, rtol=1e-12, atol=0)
 
 
 def test_labelled_pixels_matches_mask() -> None:

@@ -195,6 +195,39 @@ def test_store_without_coordinates_opens_resumes_and_keeps_its_layout(tmp_path):
     assert not any((path / name).exists() for name in ("image", "view", "geometry_field"))
 
 
+def test_patch_is_recorded_and_defaults_to_14(tmp_path):
+    p16 = create(tmp_path / "p16.zarr", grid=(4, 4), attrs={**ATTRS, "size": 64, "patch": 16})
+    assert (p16.patch, p16.size, p16.grid, p16.info()["patch"]) == (16, 64, (4, 4), 16)
+    assert zarr.open_group(tmp_path / "p16.zarr", mode="r").attrs["patch"] == 16
+    assert all(g.canvas == 64 for g in p16.geometries())
+    p14 = create(tmp_path / "p14.zarr")  # a caller that names no patch gets DINOv2's
+    assert (p14.patch, p14.attrs["patch"]) == (14, 14)
+
+
+def test_store_without_the_patch_attribute_opens_with_patch_14(tmp_path):
+    path, data = tmp_path / "old.zarr", make_data()
+    write(create(path), data, shards=[0])
+    meta = json.loads((path / "zarr.json").read_text())  # schema 1 as written before `patch`
+    del meta["attributes"]["patch"]
+    (path / "zarr.json").write_text(json.dumps(meta, indent=2))
+    before = (path / "zarr.json").read_bytes()
+    resumed = FeatureStore.open(path, "r+")
+    assert (resumed.patch, resumed.grid, resumed.size) == (14, GRID, SIZE)
+    write(resumed, data, shards=[1, 2])
+    store = FeatureStore.open(path)
+    assert store.is_complete()
+    assert store.info()["patch"] == 14
+    assert store.fingerprint() == create(tmp_path / "new.zarr").fingerprint()  # the patch is not hashed
+    assert (path / "zarr.json").read_bytes() == before
+
+
+def test_patch_that_contradicts_the_grid_is_damaged_metadata(full):
+    path, _ = full
+    zarr.open_group(path, mode="r+").attrs["patch"] = 16
+    with pytest.raises(StoreError, match=r"damaged metadata \(grid \[2, 2\] is not size 28 / patch 16\)"):
+        FeatureStore.open(path)
+
+
 def test_shard_file_bytes_follow_cache_layout(full):
     """A second reader: decode the last (partial) tokens shard from its bytes as cache_layout.md says."""
     path, (tokens, *_) = full
@@ -406,6 +439,9 @@ def test_create_refuses_existing_path_and_remove(tmp_path):
     ("kw", "match"),
     [
         ({"grid": (3, 3)}, r"grid \(3, 3\) does not fit size 28"),
+        ({"attrs": {**ATTRS, "patch": 16}}, r"grid \(2, 2\) does not fit size 28 at patch 16: expected \(1, 1\)"),
+        ({"attrs": {**ATTRS, "patch": 0}}, "'patch' must be a positive int, got 0"),
+        ({"attrs": {**ATTRS, "patch": 14.0}}, "'patch' must be a positive int, got 14.0"),
         ({"attrs": {k: v for k, v in ATTRS.items() if k != "backbone"}}, "'backbone' is missing"),
         ({"attrs": {**ATTRS, "layers": []}}, "non-empty list of ints"),
         ({"attrs": {**ATTRS, "extra": np.float32(1)}}, "'extra' must be plain JSON"),

@@ -2,9 +2,9 @@
 uses it is :mod:`pipeline.resample`).
 
 Every image is resized (aspect kept) so that its longer side is ``size`` and padded, centred, to a
-``size x size`` canvas, so every image gives the same ``(size/14) x (size/14)`` token grid. The
-per-image :class:`Geometry` is stored next to the features so that later stages can map canvas
-predictions back to original pixels::
+``size x size`` canvas, so every image gives the same ``(size/patch) x (size/patch)`` token grid,
+``patch`` being the backbone's patch size (:func:`check_size`). The per-image :class:`Geometry` is
+stored next to the features so that later stages can map canvas predictions back to original pixels::
 
     geom = fit_geometry(height=375, width=500, size=448)
     canvas = mask_to_canvas(mask, geom)            # (448, 448) uint8, padding = 255
@@ -21,6 +21,9 @@ from PIL import Image
 from pipeline.errors import ConfigError
 
 IGNORE = 255
+#: DINOv2's patch size: the patch of feature stores written before their ``patch`` attribute
+#: (cache_layout.md), and of new ones whose creator names none. A canvas's patch comes from its
+#: backbone (``Backbone.patch_size``), not from here.
 PATCH = 14
 
 #: Column order of the per-image ``geometry`` array in the feature store (see cache_layout.md).
@@ -72,15 +75,21 @@ class Geometry:
         return np.asarray(mask.reshape(grid, p, grid, p).any(axis=(1, 3)))
 
 
-def check_size(size: int) -> int:
-    if size <= 0 or size % PATCH:
-        raise ConfigError(f"size must be a positive multiple of {PATCH} (the ViT patch size), got {size}")
+def check_size(size: int, patch: int, model: str | None = None) -> int:
+    """``size``, if a canvas of that side fits a backbone of patch ``patch`` (named ``model`` in the error)."""
+    if size <= 0 or size % patch:
+        of, near = f" of {model}" if model else "", max(patch, round(size / patch) * patch)
+        raise ConfigError(f"size must be a multiple of the patch size {patch}{of}, got {size} (try {near})")
     return size
 
 
 def fit_geometry(height: int, width: int, size: int) -> Geometry:
-    """The geometry of an ``height x width`` image on a ``size x size`` canvas, longer side = size."""
-    check_size(size)
+    """The geometry of an ``height x width`` image on a ``size x size`` canvas, longer side = size.
+
+    Any positive size: the geometry does not depend on the patch; whoever feeds the canvas to a backbone
+    checks ``size`` against its patch with :func:`check_size`."""
+    if size <= 0:
+        raise ConfigError(f"canvas size must be positive, got {size}")
     if height <= 0 or width <= 0:
         raise ConfigError(f"image size must be positive, got {height}x{width}")
     scale = size / max(height, width)

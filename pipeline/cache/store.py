@@ -88,11 +88,15 @@ def _store_attrs(
     for key, kind in _REQUIRED.items():
         if not isinstance(attrs.get(key), kind):
             raise StoreError(f"store attribute {key!r} is missing or has the wrong type: {attrs.get(key)!r}")
-    layers, size = attrs["layers"], attrs["size"]
+    layers, size, patch = attrs["layers"], attrs["size"], attrs.get("patch", PATCH)
     if not layers or not all(isinstance(x, int) for x in layers):
         raise StoreError(f"store attribute 'layers' must be a non-empty list of ints, got {layers!r}")
-    if size <= 0 or size % PATCH or tuple(grid) != (size // PATCH, size // PATCH):
-        raise StoreError(f"grid {tuple(grid)} does not fit size {size}: expected ({size // PATCH}, {size // PATCH})")
+    if type(patch) is not int or patch < 1:
+        raise StoreError(f"store attribute 'patch' must be a positive int, got {patch!r}")
+    if size <= 0 or size % patch or tuple(grid) != (size // patch, size // patch):
+        raise StoreError(
+            f"grid {tuple(grid)} does not fit size {size} at patch {patch}: expected ({size // patch}, {size // patch})"
+        )
     if channels <= 0:
         raise StoreError(f"channels must be positive, got {channels}")
     if not ids or not all(isinstance(i, str) and i for i in ids):
@@ -108,6 +112,7 @@ def _store_attrs(
         "ssvt_schema": SCHEMA_VERSION,
         "ssvt_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "patch": patch,
         "grid": [int(grid[0]), int(grid[1])],
         "channels": int(channels),
         "views": list(views),
@@ -158,7 +163,8 @@ class FeatureStore:
 
     Attributes: ``path``, ``attrs`` (the group attributes without ``ids``/``sources``), ``ids``,
     ``sources`` (or None), ``n_images``, ``views``, ``n_views``, ``grid`` (h, w), ``channels``,
-    ``images_per_shard``, ``n_shards``, ``size``, ``layers``, ``backbone``, ``mode``.
+    ``images_per_shard``, ``n_shards``, ``size``, ``patch`` (canvas pixels per token side: the
+    attribute, or 14 in stores written before it), ``layers``, ``backbone``, ``mode``.
     """
 
     def __init__(self, path: Path, group: zarr.Group, mode: Literal["r", "r+"]) -> None:
@@ -175,6 +181,9 @@ class FeatureStore:
         self.images_per_shard = int(meta["images_per_shard"])
         self.n_shards = -(-self.n_images // self.images_per_shard)
         self.size = int(meta["size"])
+        self.patch = int(meta.get("patch", PATCH))  # absent in stores written before it: all DINOv2, 14
+        if self.grid != (self.size // self.patch,) * 2 or self.size % self.patch:
+            raise ValueError(f"grid {list(self.grid)} is not size {self.size} / patch {self.patch}")
         self.layers: list[int] = list(meta["layers"])
         self.backbone: str = meta["backbone"]
         self._image_shape = (self.n_views, *self.grid, self.channels)
@@ -439,7 +448,7 @@ class FeatureStore:
         done = self.done_shards()
         on_disk, raw = self.nbytes_on_disk(), self.raw_token_bytes()
         return {
-            "path": str(self.path), "backbone": self.backbone, "layers": self.layers, "size": self.size,
+            "path": str(self.path), "backbone": self.backbone, "layers": self.layers, "size": self.size, "patch": self.patch,
             "grid": list(self.grid), "channels": self.channels, "views": self.views, "n_images": self.n_images,
             "ok": int((status == ImageStatus.OK).sum()), "failed": int((status == ImageStatus.FAILED).sum()),
             "not_written": int((status == ImageStatus.MISSING).sum()),

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.table import Table
 from rich.text import Text
 
@@ -86,8 +87,8 @@ def extract_cmd(
     size: Annotated[
         int,
         typer.Option(
-            help="Canvas side in pixels, a multiple of 14: images are resized so the longer side is this, "
-            "then padded to a square."
+            help="Canvas side in pixels, a multiple of the model's patch size (14 for DINOv2): images are resized "
+            "so the longer side is this, then padded to a square."
         ),
     ] = 448,
     layers: Annotated[
@@ -162,7 +163,7 @@ def info(store_path: Annotated[Path, typer.Argument(metavar="STORE", help="A fea
         ("backbone", i["backbone"]),
         ("weights", f"{str(store.attrs.get('weights_sha256', ''))[:12]}… ({store.attrs.get('weights_source', '?')})"),
         ("layers", ", ".join(map(str, i["layers"]))),
-        ("canvas / grid", f"{i['size']} px / {i['grid'][0]} x {i['grid'][1]} tokens"),
+        ("canvas / grid", f"{i['size']} px / {i['grid'][0]} x {i['grid'][1]} tokens of {i['patch']} px"),
         ("channels", i["channels"]), ("views", ", ".join(i["views"])),
         ("images", f"{i['n_images']} ({i['ok']} ok, {i['failed']} unreadable, {i['not_written']} not written yet)"),
         ("complete", f"{'yes' if i['complete'] else 'NO'}: {i['done_shards']} of {i['n_shards']} shards"
@@ -180,24 +181,51 @@ def _print_label_sets(paths: list[Path]) -> None:
     from pipeline.cache.labels import LabelSet
     from pipeline.cache.voc import CLASS_NAMES
 
-    table = Table("set", "kind", "images", "pixels", "dropped", "top classes", title_justify="left",
-                  title="imported label sets (labelled images, labelled pixel fraction, out-of-image clicks/points)")  # fmt: skip
+    table = Table("set", "kind", "images", "pixels", "dropped", "top classes", "quality", title_justify="left",
+                  title="label sets (labelled images, labelled pixel fraction, out-of-image clicks/points, "
+                        "quality vs ground truth from ssvt score-labels)")  # fmt: skip
     for path in paths:
         a = LabelSet.open(path).attrs
         hist = a["class_histogram"]
         top = sorted(range(1, len(hist)), key=lambda c: -hist[c])[:3]  # foreground classes
         names = [CLASS_NAMES[c] if len(hist) == len(CLASS_NAMES) else str(c) for c in top if hist[c]]
         table.add_row(Text(a["name"]), a["kind"], f"{a['images_labelled']} / {a['images']}",
-                      f"{100 * a['labelled_fraction']:.2f}%", str(a["points_dropped"]), ", ".join(names))  # fmt: skip
+                      f"{100 * a['labelled_fraction']:.2f}%", str(a["points_dropped"]), ", ".join(names),
+                      _quality(a.get("quality")))  # fmt: skip
     console.print(table)
 
 
-@app.command()
-def models() -> None:
-    """List the backbones ssvt can build, with their size."""
-    from pipeline.features.backbones import BACKBONES
+def _quality(quality: dict[str, Any] | None) -> str:
+    """'mIoU 69.0, coverage 100 %' (dense), 'precision 98.1, coverage 5.8 %' (sparse), '-' when not scored."""
+    if not quality:
+        return "-"
+    if quality.get("miou") is not None:
+        head = f"mIoU {100 * quality['miou']:.1f}"
+    elif quality.get("pixel_accuracy") is not None:
+        head = f"precision {100 * quality['pixel_accuracy']:.1f}"
+    else:
+        return "-"
+    return f"{head}, coverage {100 * quality['coverage']:.1f} %" if "coverage" in quality else head
 
-    table = Table("name", "dim", "depth", "heads", "registers", "HF id", title="backbones")
-    for spec in BACKBONES.values():
-        table.add_row(spec.name, str(spec.hidden_size), str(spec.depth), str(spec.heads), str(spec.registers), spec.hf_id or "-")
+
+@app.command()
+def models(
+    all_: Annotated[bool, typer.Option("--all", help="Also list the test-sized models (random init or a local file).")] = False,
+) -> None:
+    """List the backbones ssvt can build: family, patch size, width, depth, registers and where weights come from."""
+    from pipeline.features.backbones import get_spec, list_backbones
+
+    specs = [get_spec(name) for name in list_backbones(include_test=all_)]
+    gated = {spec.family: spec.licence for spec in specs if spec.licence}
+    caption = "; ".join(f"{family} weights are gated: accept the {licence} first" for family, licence in gated.items())
+    table = Table(title="backbones, one section per family", caption=caption or None, box=box.SIMPLE_HEAD)
+    table.add_column("name", no_wrap=True)
+    for column in ("patch", "dim", "depth", "heads", "reg."):
+        table.add_column(column, no_wrap=True, justify="right")
+    table.add_column("HF id", overflow="fold")
+    for before, spec in zip([None, *specs], specs, strict=False):
+        if before is not None and spec.family != before.family:
+            table.add_section()
+        sizes = (spec.patch, spec.hidden_size, spec.depth, spec.heads, spec.registers)
+        table.add_row(spec.name, *map(str, sizes), spec.hf_id or "-")
     console.print(table)

@@ -1,138 +1,66 @@
-"""DINOv2 backbones: a registry, weight resolution and the frozen feature extractor.
+"""Backbones: a registry, weight resolution and the frozen feature extractor.
 
-The only module that knows DINOv2 internals (with :mod:`pipeline.features.checkpoints`, which maps weight
-files). Features equal the official implementation's ``get_intermediate_layers(norm=True)`` at any
-input size that is a multiple of 14, including its position-embedding interpolation::
+Families: DINOv2 (patch 14), DINO and iBOT (patch 16 or 8, learnt positions), DINOv3 (patch 16,
+rotary positions); their internals live in :mod:`pipeline.features.families`, their weight files in
+:mod:`pipeline.features.checkpoints`. Features equal the official implementation's
+``get_intermediate_layers`` after the final norm at any input size that is a multiple of the patch,
+including its position-embedding interpolation::
 
     backbone = build_backbone("dinov2_vitl14", weights="pretrained")   # or a path, or None = random
     layers = resolve_layers("last4", backbone.depth)
     with torch.inference_mode():
-        patches, cls = backbone(pixels, layers)   # (B, H/14, W/14, 4C), (B, 4C)
+        patches, cls = backbone(pixels, layers)   # (B, H/p, W/p, 4C), (B, 4C); p = backbone.patch_size
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import operator
 import re
 import types
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import (
-    Dinov2Config,
-    Dinov2Model,
-    Dinov2WithRegistersConfig,
-    Dinov2WithRegistersModel,
-    PretrainedConfig,
-)
 
-from pipeline.cache.geometry import PATCH
 from pipeline.errors import ConfigError, WeightsError, WeightsNotFoundError
 from pipeline.features import checkpoints
+from pipeline.features.families import FAMILIES, BackboneSpec, Family, all_specs
+from pipeline.features.families.base import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = [
+    "BACKBONES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PRETRAINED",
+    "Backbone",
+    "BackboneSpec",
+    "build_backbone",
+    "get_spec",
+    "list_backbones",
+    "overridable",
+    "resolve_layers",
+    "resolve_weights",
+    "to_official_state_dict",
+]
+
 #: ``weights=PRETRAINED`` looks in the torch hub cache, then the HF cache, then downloads.
 PRETRAINED = "pretrained"
 
 
-@dataclass(frozen=True)
-class BackboneSpec:
-    """One registry entry: architecture, where its weights live, and how it interpolates positions.
-
-    ``interpolate_offset`` / ``interpolate_antialias`` are the official hub settings: non-register
-    models interpolate with scale factor ``(grid + 0.1) / 37`` and no antialias; register models to
-    the exact grid size with antialias.
-    """
-
-    name: str
-    hf_id: str | None
-    hidden_size: int
-    depth: int
-    heads: int
-    ffn: Literal["mlp", "swiglu"]
-    registers: int
-    checkpoint: str
-    patch: int = PATCH
-    image_size: int = 518
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    interpolate_offset: float = 0.1
-    interpolate_antialias: bool = False
-
-    @property
-    def url(self) -> str | None:
-        """Official download address of :attr:`checkpoint` (None for test-only entries)."""
-        return checkpoints.official_url(self.checkpoint) if self.hf_id else None
-
-
-def _registry() -> dict[str, BackboneSpec]:
-    archs = {  # hub letter: HF size word, dim, depth, heads, FFN
-        "s": ("small", 384, 12, 6, "mlp"),
-        "b": ("base", 768, 12, 12, "mlp"),
-        "l": ("large", 1024, 24, 16, "mlp"),
-        "g": ("giant", 1536, 40, 24, "swiglu"),
-    }
-    specs = []
-    for letter, (size, dim, depth, heads, ffn) in archs.items():
-        for reg in (False, True):
-            name = f"dinov2_vit{letter}14" + ("_reg" if reg else "")
-            specs.append(
-                BackboneSpec(
-                    name=name,
-                    hf_id=f"facebook/dinov2-{'with-registers-' if reg else ''}{size}",
-                    hidden_size=dim,
-                    depth=depth,
-                    heads=heads,
-                    ffn=ffn,  # type: ignore[arg-type]
-                    registers=4 if reg else 0,
-                    checkpoint=f"dinov2_vit{letter}14{'_reg4' if reg else ''}_pretrain.pth",
-                    interpolate_offset=0.0 if reg else 0.1,
-                    interpolate_antialias=reg,
-                )
-            )
-    for reg in (False, True):  # test-sized, never published: random init or a local file only
-        name = "vit_tiny_test" + ("_reg" if reg else "")
-        specs.append(
-            BackboneSpec(
-                name=name,
-                hf_id=None,
-                hidden_size=48,
-                depth=3,
-                heads=3,
-                ffn="mlp",
-                registers=4 if reg else 0,
-                checkpoint=f"{name}_pretrain.pth",
-                interpolate_offset=0.0 if reg else 0.1,
-                interpolate_antialias=reg,
-            )
-        )
-    return {spec.name: spec for spec in specs}
-
-
-_REGISTRY = _registry()
+_REGISTRY = {spec.name: spec for spec in all_specs()}
 #: Read-only view of the registry: name -> spec.
 BACKBONES: Mapping[str, BackboneSpec] = types.MappingProxyType(_REGISTRY)
 
-#: HF config fields that ``overrides`` may change (architecture only).
-OVERRIDABLE = frozenset(
-    {"hidden_size", "num_hidden_layers", "num_attention_heads", "mlp_ratio", "use_swiglu_ffn"}
-    | {"num_register_tokens", "image_size", "layer_norm_eps"}
-)
 
-
-def list_backbones() -> list[str]:
-    """Registered backbone names, in registry order."""
-    return list(_REGISTRY)
+def list_backbones(*, include_test: bool = True) -> list[str]:
+    """Registered backbone names, in registry order; ``include_test=False`` leaves out the test-sized ones."""
+    return [name for name, spec in _REGISTRY.items() if include_test or not spec.test_only]
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -142,57 +70,66 @@ def get_spec(name: str) -> BackboneSpec:
     return _REGISTRY[name]
 
 
-def _configure(spec: BackboneSpec, overrides: Mapping[str, Any]) -> tuple[BackboneSpec, PretrainedConfig]:
-    """The entry's HF config with ``overrides`` merged in, and the spec describing the result."""
-    unknown = sorted(set(overrides) - OVERRIDABLE)
+_INTEGERS = frozenset(
+    {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_register_tokens", "intermediate_size"}
+    | {"image_size", "patch_size"}
+)
+
+
+def overridable(name: str) -> frozenset[str]:
+    """HF config fields that ``overrides`` may change for backbone ``name`` (architecture only)."""
+    return FAMILIES[get_spec(name).family].overridable
+
+
+def _configure(spec: BackboneSpec, overrides: Mapping[str, Any]) -> tuple[BackboneSpec, Any]:
+    """The entry's HF config with ``overrides`` merged in, and the spec describing the result.
+
+    A ``patch_size`` override without an ``image_size`` keeps the position grid: the image size follows.
+    """
+    family = FAMILIES[spec.family]
+    unknown = sorted(set(overrides) - family.overridable)
     if unknown:
-        raise ConfigError(f"cannot override {', '.join(unknown)}; overridable: {', '.join(sorted(OVERRIDABLE))}")
-    kwargs: dict[str, Any] = {
-        "hidden_size": spec.hidden_size,
-        "num_hidden_layers": spec.depth,
-        "num_attention_heads": spec.heads,
-        "mlp_ratio": 4,
-        "use_swiglu_ffn": spec.ffn == "swiglu",
-        "image_size": spec.image_size,
-        "patch_size": spec.patch,
-        "layer_norm_eps": 1e-6,
-        "layerscale_value": 1.0,
-        "hidden_act": "gelu",
-        "qkv_bias": True,
-    }
-    if spec.registers:
-        kwargs["num_register_tokens"] = spec.registers
-    kwargs.update(overrides)
-    integers = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_register_tokens", "image_size")
-    wrong = [f"{k}={kwargs[k]!r}" for k in integers if k in kwargs and type(kwargs[k]) is not int]
+        raise ConfigError(
+            f"cannot override {', '.join(unknown)} of {spec.name}; overridable: {', '.join(sorted(family.overridable))}"
+        )
+    wrong = [f"{k}={v!r}" for k, v in overrides.items() if k in _INTEGERS and type(v) is not int]
     if wrong:
         raise ConfigError(f"overrides for {spec.name} must be integers: {', '.join(wrong)}")
-    dim, heads, depth, size = (kwargs[k] for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "image_size"))
-    registers = kwargs.get("num_register_tokens", 0)
-    if (registers > 0) != (spec.registers > 0):
-        raise ConfigError(f"{spec.name} has {spec.registers} registers; use the other entry (_reg or not)")
-    if depth < 1 or heads < 1 or dim % heads or size % spec.patch:
+    overrides = dict(overrides)
+    if "patch_size" in overrides and "image_size" not in overrides:
+        overrides["image_size"] = spec.image_size // spec.patch * overrides["patch_size"]
+    kwargs = family.config_kwargs(spec, overrides)
+    dim, heads, depth, size, patch = (
+        kwargs[k] for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "image_size", "patch_size")
+    )
+    if depth < 1 or heads < 1 or patch < 1 or dim % heads or size % patch:
         raise ConfigError(
-            f"bad overrides for {spec.name}: need depth >= 1, hidden_size divisible by heads and image_size "
-            f"a multiple of {spec.patch}; got depth={depth}, hidden_size={dim}, heads={heads}, image_size={size}"
+            f"bad overrides for {spec.name}: need depth >= 1, hidden_size divisible by heads and image_size a "
+            f"multiple of patch_size; got depth={depth}, hidden_size={dim}, heads={heads}, image_size={size}, "
+            f"patch_size={patch}"
         )
-    config_cls = Dinov2WithRegistersConfig if registers else Dinov2Config
+    family.validate(spec, kwargs)
     try:
-        config = config_cls(**kwargs)
+        config = family.make_config(kwargs)
+    except ConfigError:
+        raise
     except Exception as exc:  # transformers' strict config validation has its own error types
         raise ConfigError(f"bad overrides for {spec.name}: {exc}") from exc
-    ffn: Literal["mlp", "swiglu"] = "swiglu" if kwargs["use_swiglu_ffn"] else "mlp"
-    spec = replace(spec, hidden_size=dim, depth=depth, heads=heads, ffn=ffn, registers=registers, image_size=size)
+    registers = kwargs.get("num_register_tokens", 0)
+    spec = replace(
+        spec, hidden_size=dim, depth=depth, heads=heads, ffn=family.ffn(kwargs), registers=registers, image_size=size, patch=patch
+    )
     return spec, config
 
 
 def resolve_weights(name: str, weights: str | Path | None = None, *, allow_download: bool = True) -> Path:
     """Where ``name``'s weights are: a file or an HF model directory.
 
-    ``weights`` is a path (an official ``*_pretrain.pth``, a state dict, or an HF directory with
-    config.json + model.safetensors), or None / ``"pretrained"`` to search, in order: the torch hub
-    cache (``$TORCH_HOME/hub/checkpoints/<official file>``), the Hugging Face cache, a download
-    (skipped when ``HF_HUB_OFFLINE`` is set). Raises WeightsNotFoundError saying where to put the file.
+    ``weights`` is a path (an official ``.pth`` such as ``*_pretrain.pth`` or iBOT's
+    ``checkpoint_teacher.pth``, a state dict, or an HF directory with config.json + model.safetensors),
+    or None / ``"pretrained"`` to search, in order: the torch hub cache
+    (``$TORCH_HOME/hub/checkpoints/<spec.checkpoint>``), the Hugging Face cache, a download (skipped when
+    ``HF_HUB_OFFLINE`` is set). Raises WeightsNotFoundError saying where to put the file.
     """
     spec = get_spec(name)
     if weights is not None and str(weights) != PRETRAINED:
@@ -217,36 +154,36 @@ def resolve_weights(name: str, weights: str | Path | None = None, *, allow_downl
             except Exception as exc:  # any network or hub failure means: not available here
                 hf_note += f" and the download failed ({type(exc).__name__})"
     source = f" (from {spec.url})" if spec.url else ""
+    if spec.licence:
+        hf_note += f"; {name} is gated: accept the {spec.licence} first (on Hugging Face too, then `hf auth login`)"
     raise WeightsNotFoundError(
         f"no weights found for {name}: place {spec.checkpoint}{source} at {hub_file}, or pass "
-        f"--weights PATH (an official *_pretrain.pth or a Hugging Face model directory); {hf_note}"
+        f"--weights PATH (an official .pth or a Hugging Face model directory); {hf_note}"
     )
 
 
 def _check_hf_config(path: Path, spec: BackboneSpec) -> None:
     """An HF directory's config.json must describe the same architecture (heads are not in the shapes)."""
     found = checkpoints.read_hf_config(path)
-    expected = {
-        "hidden_size": spec.hidden_size,
-        "num_hidden_layers": spec.depth,
-        "num_attention_heads": spec.heads,
-        "use_swiglu_ffn": spec.ffn == "swiglu",
-        "num_register_tokens": spec.registers,
-    }
-    defaults = {"use_swiglu_ffn": False, "num_register_tokens": 0}
-    wrong = [f"{k}={found.get(k, defaults.get(k))} (need {v})" for k, v in expected.items() if found.get(k, defaults.get(k)) != v]
+    family = FAMILIES[spec.family]
+    model_type = found.get("model_type")
+    if model_type is not None and model_type not in family.model_types:
+        raise WeightsError(f"{path} holds a {model_type} model, not {spec.name} ({' or '.join(family.model_types)})")
+    expected = family.hf_config_expected(spec)
+    wrong = [f"{k}={found.get(k, default)} (need {v})" for k, (v, default) in expected.items() if found.get(k, default) != v]
     if wrong:
         raise WeightsError(f"{path}/config.json does not describe {spec.name}: {', '.join(wrong)}")
 
 
 def _load_weights(model: nn.Module, path: Path, spec: BackboneSpec) -> None:
     """Load ``path`` into ``model`` (built on the meta device) with strict key matching."""
+    family = FAMILIES[spec.family]
     state = checkpoints.read_state_dict(path)
     if path.is_dir():
         _check_hf_config(path, spec)
-    official = state if checkpoints.is_official_layout(state) else checkpoints.hf_to_official(state)
+    official = state if checkpoints.is_official_layout(state) else family.hf_to_official(state, spec)
     official = {k: v.float() if v.is_floating_point() else v for k, v in official.items()}
-    converted = checkpoints.official_to_hf(official, model.state_dict())
+    converted = family.official_to_hf(official, model.state_dict(), spec)
     try:
         model.load_state_dict(converted, strict=True, assign=True)
     except RuntimeError as exc:
@@ -263,74 +200,51 @@ def build_backbone(
     """A frozen :class:`Backbone` for registry entry ``name``.
 
     weights: None = random init from ``seed`` (deterministic); ``"pretrained"`` or a path: see
-    :func:`resolve_weights`. overrides: HF config fields (:data:`OVERRIDABLE`) merged over the entry,
-    e.g. ``{"num_hidden_layers": 2, "hidden_size": 48, "num_attention_heads": 3}``.
+    :func:`resolve_weights`. overrides: HF config fields (:func:`overridable`) merged over the entry,
+    e.g. ``{"num_hidden_layers": 2, "hidden_size": 48, "num_attention_heads": 3}`` or
+    ``{"patch_size": 16}`` (``Backbone.patch_size`` follows).
     """
     spec, config = _configure(get_spec(name), overrides or {})
-    model_cls: Any = Dinov2WithRegistersModel if spec.registers else Dinov2Model
+    family = FAMILIES[spec.family]
     if weights is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = model_cls(config)
+            model = family.build(config)
         source = f"random init (seed {seed})"
     else:
         path = resolve_weights(name, weights)
         with torch.device("meta"):  # no point initialising what the checkpoint replaces
-            model = model_cls(config)
+            model = family.build(config)
         _load_weights(model, path, spec)
         source = str(path)
         logger.info("loaded %s weights from %s", name, path)
     return Backbone(spec, model, source)
 
 
-def _official_interpolate_pos_encoding(self: Any, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Official DINOv2 ``interpolate_pos_encoding``, bound onto an HF embeddings module.
-
-    embeddings: (B, 1 + N, C) tokens before registers; returns (1, 1 + N, C). As in the official code,
-    the table is used as is when the token count matches and the image is square; otherwise bicubic
-    with a scale factor ``(grid + offset) / M`` when ``offset`` is set, else to the exact grid size.
-    """
-    offset, antialias, patch = self.ssvt_interpolation
-    pos = self.position_embeddings
-    n = pos.shape[1] - 1
-    if embeddings.shape[1] - 1 == n and height == width:
-        return pos
-    m = math.isqrt(n)
-    rows, cols = height // patch, width // patch
-    grid = pos[:, 1:].float().reshape(1, m, m, -1).permute(0, 3, 1, 2)
-    if offset:  # the scale factor itself (not rows / m) sets the sampling positions
-        scale = ((rows + offset) / m, (cols + offset) / m)
-        grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", antialias=antialias)
-    else:
-        grid = F.interpolate(grid, size=(rows, cols), mode="bicubic", antialias=antialias)
-    if grid.shape[-2:] != (rows, cols):
-        raise ConfigError(f"position grid interpolated to {tuple(grid.shape[-2:])}, expected {(rows, cols)}")
-    grid = grid.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)
-    return torch.cat((pos[:, :1].float(), grid), dim=1).to(embeddings.dtype)
-
-
 class Backbone(nn.Module):
-    """A frozen DINOv2 (HF model inside) returning official-equivalent normed tokens of chosen blocks.
+    """A frozen ViT (an HF model inside) returning official-equivalent normed tokens of chosen blocks.
 
     Always in eval mode with ``requires_grad=False``; the caller chooses inference_mode / autocast.
     """
 
-    def __init__(self, spec: BackboneSpec, model: Dinov2Model | Dinov2WithRegistersModel, weights_source: str):
+    def __init__(self, spec: BackboneSpec, model: nn.Module, weights_source: str):
         super().__init__()
         self.spec = spec
         self.model = model
         self.weights_source = weights_source
         self._fingerprint: str | None = None
-        # transformers interpolates to the target size; the official models do not (see BackboneSpec)
-        embeddings: Any = model.embeddings
-        embeddings.ssvt_interpolation = (spec.interpolate_offset, spec.interpolate_antialias, spec.patch)
-        embeddings.interpolate_pos_encoding = types.MethodType(_official_interpolate_pos_encoding, embeddings)
+        self._family: Family = FAMILIES[spec.family]
+        # e.g. transformers interpolates positions to the target size; the official models do not
+        self._family.prepare(model, spec)
+        meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if meta:
+            raise WeightsError(f"{spec.name}: tensors without values after loading: {', '.join(meta[:5])}")
         self.requires_grad_(False)
         self.eval()
 
     hidden_size = property(lambda self: self.spec.hidden_size, doc="channels C of one block's tokens")
     depth = property(lambda self: self.spec.depth, doc="number of transformer blocks")
-    patch_size = property(lambda self: self.spec.patch, doc="pixels per token side (14)")
+    patch_size = property(lambda self: self.spec.patch, doc="pixels per token side (14, 16 or 8)")
     mean = property(lambda self: self.spec.mean, doc="RGB normalisation mean (ImageNet)")
     std = property(lambda self: self.spec.std, doc="RGB normalisation std (ImageNet)")
 
@@ -353,9 +267,9 @@ class Backbone(nn.Module):
         return self
 
     def forward(self, pixels: torch.Tensor, layers: Sequence[int] | str) -> tuple[torch.Tensor, torch.Tensor]:
-        """pixels: (B, 3, H, W) normalised, H and W multiples of 14.
+        """pixels: (B, 3, H, W) normalised, H and W multiples of the patch size p.
 
-        Returns patch tokens (B, H/14, W/14, C * len(layers)) and CLS (B, C * len(layers)): each
+        Returns patch tokens (B, H/p, W/p, C * len(layers)) and CLS (B, C * len(layers)): each
         selected block's output with the final LayerNorm, concatenated on channels in ``layers`` order;
         registers dropped.
         """
@@ -365,13 +279,14 @@ class Backbone(nn.Module):
         if height % self.patch_size or width % self.patch_size:
             raise ConfigError(f"image size {height}x{width} is not a multiple of {self.patch_size}; pad it first")
         layers = resolve_layers(layers, self.depth)
-        x = self.model.embeddings(pixels)
+        x, block_kwargs = self._family.embed(self.model, pixels)
+        norm = self._family.final_norm(self.model)
         normed: dict[int, torch.Tensor] = {}
-        for i, layer in enumerate(self.model.encoder.layer[: max(layers) + 1]):
-            x = layer(x)
+        for i, layer in enumerate(self._family.blocks(self.model)[: max(layers) + 1]):
+            x = layer(x, **block_kwargs)
             x = x[0] if isinstance(x, tuple) else x  # transformers 4.x layers return tuples
             if i in layers:
-                normed[i] = self.model.layernorm(x)
+                normed[i] = norm(x)
         skip = 1 + self.spec.registers
         patches = torch.cat([normed[i][:, skip:] for i in layers], dim=-1)
         cls = torch.cat([normed[i][:, 0] for i in layers], dim=-1)
@@ -379,9 +294,11 @@ class Backbone(nn.Module):
 
 
 def to_official_state_dict(backbone: Backbone | nn.Module) -> dict[str, torch.Tensor]:
-    """The weights in the official DINOv2 layout (what ``dinov2_vits14_pretrain.pth`` holds)."""
-    model = backbone.model if isinstance(backbone, Backbone) else backbone
-    return checkpoints.hf_to_official(model.state_dict())
+    """The weights in the family's official layout (what ``dinov2_vits14_pretrain.pth``,
+    ``dino_deitsmall16_pretrain.pth`` ... hold); a bare HF model is read as a DINOv2."""
+    if isinstance(backbone, Backbone):
+        return FAMILIES[backbone.spec.family].hf_to_official(backbone.model.state_dict(), backbone.spec)
+    return checkpoints.hf_to_official(backbone.state_dict())
 
 
 def resolve_layers(spec: str | Sequence[int], depth: int) -> tuple[int, ...]:

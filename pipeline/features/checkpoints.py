@@ -1,15 +1,18 @@
-"""DINOv2 weight files: where they are found, how they are read safely, how their keys map.
+"""Backbone weight files: where they are found, how they are read safely, how their keys map.
 
-Two key layouts exist. The official one (``dinov2_vits14_pretrain.pth``: ``blocks.i.attn.qkv`` ...)
-and the Hugging Face one, whose names changed between transformers versions (5.x in memory:
-``encoder.layer.i.attention.q_proj``; 4.x, and files that 5.x writes: ``attention.attention.query``).
-Everything converts through the official layout, which never changes::
+Two key layouts exist per family. The official one (``dinov2_vits14_pretrain.pth``,
+``dino_deitsmall16_pretrain.pth``, iBOT's ``checkpoint_teacher.pth``, DINOv3's ``.pth``:
+``blocks.i.attn.qkv`` ...) and the Hugging Face one, whose names changed between transformers versions
+(5.x in memory: ``encoder.layer.i.attention.q_proj``; 4.x, and files that 5.x writes:
+``attention.attention.query``). A :class:`KeyLayout` lists, per official tensor, the Hugging Face names
+it may have; everything converts through the official layout, which never changes::
 
     state = read_state_dict(Path("dinov2_vits14_pretrain.pth"))      # either layout
-    official = state if is_official_layout(state) else hf_to_official(state)
-    model.load_state_dict(official_to_hf(official, model.state_dict()), strict=True)
+    official = state if is_official_layout(state) else hf_to_official(state, DINOV2)
+    model.load_state_dict(official_to_hf(official, model.state_dict(), DINOV2), strict=True)
 
-:mod:`pipeline.features.backbones` is the only user; nothing here knows about the registry.
+:mod:`pipeline.features.backbones` and the family modules are the only users; nothing here knows about
+the registry.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard
 
 import torch
 from safetensors.torch import load_file
@@ -34,9 +39,40 @@ _TRUE = {"1", "on", "yes", "true"}
 
 # One entry per official tensor: the alternative Hugging Face names it may have, newest first. An
 # alternative with several names holds the official tensor split into equal chunks along dim 0
-# (fused qkv -> q, k, v; SwiGLU w12 -> gate, up). Which alternative applies is detected from the keys
+# (fused qkv -> q, k, v; SwiGLU w12 -> gate, up); a None chunk has no Hugging Face tensor (DINOv3's
+# masked key bias) and reads back as zeros. Which alternative applies is detected from the keys
 # actually present, so no single transformers version is hard-coded.
-_Alternatives = tuple[tuple[str, ...], ...]
+_Alternatives = tuple[tuple[str | None, ...], ...]
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """How one family's official keys map to Hugging Face names.
+
+    ``blocks`` rules are suffixes under each of ``block_prefixes`` (``"encoder.layer.{i}."``; several
+    when transformers versions differ); ``hf_ignored`` are Hugging Face key prefixes that hold no
+    backbone weights (a pooler), dropped when reading.
+    """
+
+    globals: Mapping[str, _Alternatives]
+    blocks: Mapping[str, _Alternatives]
+    block_prefixes: tuple[str, ...]
+    hf_ignored: tuple[str, ...] = ()
+
+    def rules(self, depth: int) -> Iterator[tuple[str, _Alternatives]]:
+        """(official key, alternative HF key groups) for a model with ``depth`` blocks."""
+        yield from self.globals.items()
+        for i in range(depth):
+            prefixes = [p.format(i=i) for p in self.block_prefixes]
+            for suffix, alternatives in self.blocks.items():
+                groups = [tuple(None if k is None else p + k for k in alt) for p in prefixes for alt in alternatives]
+                yield f"blocks.{i}.{suffix}", tuple(groups)
+
+    def hf_depth(self, keys: Iterable[str]) -> int:
+        """Number of blocks in a Hugging Face state dict with these keys."""
+        heads = "|".join(re.escape(p.split("{i}")[0]) for p in self.block_prefixes)
+        return _depth(keys, rf"^(?:{heads})(\d+)\.")
+
 
 _GLOBAL_RULES: dict[str, _Alternatives] = {
     "cls_token": (("embeddings.cls_token",),),
@@ -67,15 +103,8 @@ def _block_rules() -> dict[str, _Alternatives]:
     return rules
 
 
-_BLOCK_RULES = _block_rules()
-
-
-def _rules(depth: int) -> Iterator[tuple[str, _Alternatives]]:
-    """(official key, alternative HF key groups) for a model with ``depth`` blocks."""
-    yield from _GLOBAL_RULES.items()
-    for i in range(depth):
-        for suffix, alternatives in _BLOCK_RULES.items():
-            yield f"blocks.{i}.{suffix}", tuple(tuple(f"encoder.layer.{i}.{k}" for k in alt) for alt in alternatives)
+#: DINOv2 (``Dinov2Model`` / ``Dinov2WithRegistersModel``).
+DINOV2 = KeyLayout(_GLOBAL_RULES, _block_rules(), ("encoder.layer.{i}.",))
 
 
 def _depth(keys: Iterable[str], pattern: str) -> int:
@@ -109,22 +138,30 @@ def unchunk_official(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in state.items()}
 
 
-def official_to_hf(official: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _present(alt: tuple[str | None, ...], keys: Mapping[str, torch.Tensor]) -> bool:
+    return all(k in keys for k in alt if k is not None)
+
+
+def official_to_hf(
+    official: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], layout: KeyLayout = DINOV2
+) -> dict[str, torch.Tensor]:
     """Official state dict -> the key names and shapes of ``target`` (the installed model's state dict).
 
     Raises :class:`WeightsError` naming missing, unexpected or mis-shaped keys.
     """
     official = unchunk_official(official)
-    rules = dict(_rules(_depth(official, r"^blocks\.(\d+)\.")))
+    rules = dict(layout.rules(_depth(official, r"^blocks\.(\d+)\.")))
     out: dict[str, torch.Tensor] = {}
     unexpected, bad_shapes = [], []
     for key, value in official.items():
-        alt = next((a for a in rules.get(key, ()) if all(k in target for k in a)), None)
+        alt = next((a for a in rules.get(key, ()) if _present(a, target)), None)
         if alt is None:
             unexpected.append(key)
             continue
         parts = value.chunk(len(alt), dim=0) if len(alt) > 1 else (value,)
         for name, part in zip(alt, parts, strict=True):
+            if name is None:
+                continue  # no such tensor in the HF model; the family checks that dropping it is exact
             shape = target[name].shape
             if name.endswith("mask_token") and part.numel() == shape.numel():
                 part = part.reshape(shape)  # (1, C) in the official file; HF versions have differed
@@ -137,19 +174,60 @@ def official_to_hf(official: Mapping[str, torch.Tensor], target: Mapping[str, to
     return out
 
 
-def hf_to_official(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Hugging Face state dict (any transformers version's names) -> official DINOv2 layout."""
+def hf_to_official(state: Mapping[str, torch.Tensor], layout: KeyLayout = DINOV2) -> dict[str, torch.Tensor]:
+    """Hugging Face state dict (any transformers version's names) -> the family's official layout."""
+    state = {k: v for k, v in state.items() if not k.startswith(layout.hf_ignored)}
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
-    for key, alternatives in _rules(_depth(state, r"^encoder\.layer\.(\d+)\.")):
-        alt = next((a for a in alternatives if all(k in state for k in a)), None)
+    for key, alternatives in layout.rules(layout.hf_depth(state)):
+        alt = next((a for a in alternatives if any(a) and _present(a, state)), None)
         if alt is None:
             continue  # absent tensors (no registers, say) surface as missing keys when loading
-        value = torch.cat([state[k] for k in alt], dim=0) if len(alt) > 1 else state[alt[0]]
+        like = next(state[k] for k in alt if k is not None)
+        parts = [torch.zeros_like(like) if k is None else state[k] for k in alt]
+        value = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
         out[key] = value.reshape(1, -1) if key == "mask_token" else value
-        used.update(alt)
+        used.update(k for k in alt if k is not None)
     _check_keys([], sorted(set(state) - used), "Hugging Face weights")
     return out
+
+
+#: Where training checkpoints keep a backbone's state dict, in the order tried: DINO / iBOT / DINOv2
+#: training checkpoints hold ``teacher`` and ``student``, iBOT's backbone downloads ``state_dict``.
+CHECKPOINT_KEYS = ("teacher", "state_dict", "model", "student")
+#: Key prefixes added by training wrappers (DistributedDataParallel, the multi-crop wrapper), stripped.
+WRAPPER_PREFIXES = ("module.", "backbone.")
+#: Projection heads trained with the backbone (DINO, iBOT, DINOv2); not part of it, dropped.
+HEAD_PREFIXES = ("head.", "dino_head.", "ibot_head.")
+
+
+def _is_state_dict(obj: object) -> TypeGuard[dict[str, torch.Tensor]]:
+    return isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def unwrap_checkpoint(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """The backbone's tensors in a loaded ``.pth``: a plain state dict, or the first of
+    :data:`CHECKPOINT_KEYS` in a training checkpoint, with wrapper prefixes stripped and heads dropped."""
+    if isinstance(obj, dict) and not _is_state_dict(obj):
+        key = next((k for k in CHECKPOINT_KEYS if _is_state_dict(obj.get(k))), None)
+        if key is None:
+            raise WeightsError(
+                f"{path} holds a checkpoint with keys {_few([str(k) for k in obj])}; expected a state dict of "
+                f"tensors, or one under {' / '.join(CHECKPOINT_KEYS)}"
+            )
+        logger.info("reading the %r state dict of %s", key, path)
+        obj = obj[key]
+    if not _is_state_dict(obj):
+        raise WeightsError(f"{path} holds a {type(obj).__name__}, expected a plain state dict of tensors")
+    state: dict[str, torch.Tensor] = {}
+    for key, value in obj.items():
+        for prefix in WRAPPER_PREFIXES:
+            key = key.removeprefix(prefix)
+        if not key.startswith(HEAD_PREFIXES):
+            state[key] = value
+    if dropped := len(obj) - len(state):
+        logger.info("dropped %d projection-head tensors of %s", dropped, path)
+    return state
 
 
 def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
@@ -157,10 +235,11 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
         # weights_only: a checkpoint is data; never run code from a user's file
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"cannot read {path} as a plain tensor state dict (weights_only=True): {exc}") from exc
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{path} holds a {type(obj).__name__}, expected a plain state dict of tensors")
-    return obj
+        raise WeightsError(
+            f"cannot read {path} as a plain tensor state dict (weights_only=True): {exc}. A full training "
+            "checkpoint (with optimiser state and arguments) cannot be read: use its backbone-only file"
+        ) from exc
+    return unwrap_checkpoint(obj, path)
 
 
 def _read_hf_dir(path: Path) -> dict[str, torch.Tensor]:
@@ -176,7 +255,8 @@ def _read_hf_dir(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.pth``/``.pt``/``.bin`` state dict, a ``.safetensors`` file or an HF model directory."""
+    """Tensors of a ``.pth``/``.pt``/``.bin`` state dict (or training checkpoint, see
+    :func:`unwrap_checkpoint`), a ``.safetensors`` file or an HF model directory."""
     if path.is_dir():
         return _read_hf_dir(path)
     if path.suffix == ".safetensors":

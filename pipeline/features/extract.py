@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from pipeline import __version__
+from pipeline.cache.geometry import check_size
 from pipeline.cache.names import CacheLayout, ImageStatus, StoreIdentity, cache_name, legacy_cache_name
 from pipeline.cache.store import FeatureStore, default_images_per_shard
 from pipeline.config import WORKSPACE_FILE, ExtractConfig, Workspace
@@ -70,6 +71,7 @@ def plan_extract(
 ) -> list[tuple[str, list[ImageItem], Path]]:
     """(name, images, store path) for each store to write: ``data`` or the workspace's dataset, each
     of ``splits`` (default: the workspace's), into ``out`` or :func:`store_path`."""
+    resolved_patch(cfg)
     if data is None and ws is None:
         raise ConfigError(f"no dataset: pass --data PATH or run where a {WORKSPACE_FILE} is (see `ssvt init`)")
     root = data if data is not None else ws.data_root  # type: ignore[union-attr]
@@ -93,10 +95,19 @@ def resolved_layers(cfg: ExtractConfig) -> tuple[tuple[int, ...], int]:
     return resolve_layers(cfg.layers, depth), depth
 
 
+def resolved_patch(cfg: ExtractConfig) -> int:
+    """The patch size of ``cfg.model`` (with its overrides); ConfigError, one line, when ``cfg.size``
+    is not a multiple of it."""
+    patch = int(cfg.overrides.get("patch_size", get_spec(cfg.model).patch))
+    check_size(cfg.size, patch, cfg.model)
+    return patch
+
+
 def store_path(cfg: ExtractConfig, layout: CacheLayout, split: str) -> Path:
     """Where ``cfg``'s store of ``split`` goes: ``<cache>/<model>-<size>-<layers>/<split>.zarr``, named
     from the resolved layers (so ``last4`` and ``20,21,22,23`` share one cache on ViT-L); a store
     written by ssvt 0.1 under the layers as typed is still found."""
+    resolved_patch(cfg)
     layers, depth = resolved_layers(cfg)
     name = cache_name(cfg.model, cfg.size, layers, depth, cfg.random_init)
     return layout.store_path(name, split, legacy_name=legacy_cache_name(cfg.model, cfg.size, cfg.layers, cfg.random_init))
@@ -104,6 +115,7 @@ def store_path(cfg: ExtractConfig, layout: CacheLayout, split: str) -> Path:
 
 def load_backbone(cfg: ExtractConfig) -> Backbone:
     """The config's backbone: pretrained weights from --weights or a local cache, or a seeded random init."""
+    resolved_patch(cfg)  # a size the backbone cannot take fails before the weights are read
     if cfg.random_init:
         return build_backbone(cfg.model, None, overrides=cfg.overrides, seed=cfg.seed)
     return build_backbone(cfg.model, resolve_weights(cfg.model, cfg.weights), overrides=cfg.overrides)
@@ -118,6 +130,7 @@ def store_attrs(cfg: ExtractConfig, backbone: Backbone, layers: tuple[int, ...])
         "weights_source": backbone.weights_source,
         "layers": list(layers),
         "size": cfg.size,
+        "patch": backbone.patch_size,
         "normalization": {"mean": list(backbone.mean), "std": list(backbone.std)},
         "dtype": "float16",
         "geometry_policy": "resize longer side to size (bicubic, antialiased), pad centred to size x size with 0",
@@ -138,6 +151,7 @@ def differences(store: FeatureStore, wanted: StoreIdentity, ids: list[str], imag
 def open_or_create(path: Path, items: list[ImageItem], cfg: ExtractConfig, backbone: Backbone, overwrite: bool) -> FeatureStore:
     """Resume a store made with the same settings, refuse one made with others, or create one."""
     layers = resolve_layers(cfg.layers, backbone.depth)
+    check_size(cfg.size, backbone.patch_size, cfg.model)
     grid = (cfg.size // backbone.patch_size, cfg.size // backbone.patch_size)
     channels = backbone.hidden_size * len(layers)
     attrs = store_attrs(cfg, backbone, layers)

@@ -122,7 +122,8 @@ def cluster_image(
 ) -> ClusterResult:
     """K-means over one image's content patch tokens.
 
-    tokens: (h, h, C), any float dtype, on the canvas described by ``geom`` (canvas = 14 * h).
+    tokens: (h, h, C), any float dtype, on the canvas described by ``geom`` (canvas = patch * h, the
+    patch following from the two: 14 for DINOv2, 16 or 8 for other backbones).
     ``normalize`` L2-normalises each token first (cosine geometry, the usual choice for DINO tokens).
     """
     x, mask = _content_tokens(tokens, geom, normalize)

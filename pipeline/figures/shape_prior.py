@@ -114,7 +114,7 @@ def _tokens(store: FeatureStore, index: int, view: int) -> np.ndarray:
     """(h, w, C) float16 tokens of one image, on the original (unmirrored) canvas."""
     tokens = store.read_tokens(index, index + 1, view=view)[0]
     if store.views[view] in FLIPPED_VIEWS:
-        # The canvas is mirrored as a whole and 14 divides it, so mirroring the grid back is exact.
+        # The canvas is mirrored as a whole and the patch divides it, so mirroring the grid back is exact.
         tokens = np.ascontiguousarray(tokens[:, ::-1])
     return tokens
 

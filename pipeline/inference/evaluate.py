@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from pipeline.cache.geometry import PATCH, fit_geometry
+from pipeline.cache.geometry import fit_geometry
 from pipeline.cache.label_kinds import LabelSource
 from pipeline.cache.names import RunFiles, StrPath, sibling_store
 from pipeline.cache.store import FeatureStore
@@ -147,7 +147,8 @@ def evaluate_group(
     skipped: list[str] = []
     began = time.perf_counter()
     for out in predictor.run(items, progress):
-        found = None if out.error else reader.original(out.item.id, fit_geometry(*out.size, PATCH))
+        # the image at its own size (canvas = longer side): only its height and width check the mask
+        found = None if out.error else reader.original(out.item.id, fit_geometry(*out.size, max(out.size)))
         if found is None:
             skipped.append(out.item.id)
             continue

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from pipeline.cache.geometry import IGNORE, PATCH
+from pipeline.cache.geometry import IGNORE
 from pipeline.errors import LabelError
 
 
@@ -104,13 +104,14 @@ def upsampled_at(
     batch_idx: torch.Tensor,
     y: torch.Tensor,
     x: torch.Tensor,
-    label_size: tuple[int, int] | None = None,
+    label_size: tuple[int, int],
 ) -> torch.Tensor:
     """logits (B, K, h, w) -> (N, K): the bilinear upsampling to ``label_size`` (H, W), evaluated only
     at pixels (batch_idx, y, x), each (N,). Equal to ``F.interpolate(logits, label_size, mode="bilinear",
-    align_corners=False)[batch_idx, :, y, x]``. ``label_size`` defaults to (14 h, 14 w)."""
+    align_corners=False)[batch_idx, :, y, x]``. ``label_size`` is given, not guessed from the grid: the
+    pixels per token are the backbone's patch size (14, 16, 8, ...), which the logits do not carry."""
     bsz, k, h, w = logits.shape
-    out_h, out_w = label_size if label_size is not None else (PATCH * h, PATCH * w)
+    out_h, out_w = label_size
     dev = logits.device
     batch_idx, y, x = batch_idx.to(dev), y.to(dev), x.to(dev)
     y0, y1, wy0, wy1 = _source_taps(y, h, out_h, logits.dtype)
@@ -127,13 +128,13 @@ def point_sampled_loss(
     logits: torch.Tensor,
     coords: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     targets: torch.Tensor,
-    label_size: tuple[int, int] | None = None,
+    label_size: tuple[int, int],
     weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CE of the upsampled logits at given pixels.
 
     logits (B, K, h, w); coords = (batch_idx, y, x), each (N,) int at label resolution ``label_size``
-    (default (14 h, 14 w)); targets (N,) class ids (no 255). Mean over the N pixels, or, with
+    (H, W), e.g. the (S, S) canvas; targets (N,) class ids (no 255). Mean over the N pixels, or, with
     ``weights`` (N,), ``sum(weights * ce)``.
     """
     targets = targets.to(logits.device).long()
@@ -148,7 +149,7 @@ def point_sampled_loss(
 
 
 def samples_loss(
-    logits: torch.Tensor, samples: PixelSamples | Sequence[PixelSamples], label_size: tuple[int, int] | None = None
+    logits: torch.Tensor, samples: PixelSamples | Sequence[PixelSamples], label_size: tuple[int, int]
 ) -> torch.Tensor:
     """:func:`point_sampled_loss` on precomputed samples: one batch, or a list with one entry per batch
     item (as :func:`labelled_pixels` gives for single images, precomputed once per image)."""
