@@ -200,14 +200,18 @@ class OnlinePredictor:
             return self.backbone(windows, self.layers)[0]
 
     def _merge_view(self, image: _Pending, shape: tuple[int, int], windows: list[Any], flipped: bool) -> None:
-        """Slide-inference merge of one view for every head, added to the image's probability sums."""
+        """Slide-inference merge of one view for every head, added to the image's probability sums.
+
+        The heads' logits are stacked on the class axis and merged and resized together: every step is
+        per channel, so this equals merging each head alone, at a fraction of the per-head overhead."""
         boxes = [box for box, _ in windows]
         tokens = torch.stack([t for _, t in windows])
-        for h, (head, index) in enumerate(self.heads):
-            with torch.inference_mode():
-                logits = head(tokens.index_select(-1, index)).float()
-            merged = merge_windows(logits, boxes, shape)
-            probs = F.interpolate(merged[None], size=image.size, mode="bilinear", align_corners=False)[0].softmax(0)
+        with torch.inference_mode():
+            logits = [head(tokens.index_select(-1, index)).float() for head, index in self.heads]
+        merged = merge_windows(torch.cat(logits, dim=1), boxes, shape)
+        resized = F.interpolate(merged[None], size=image.size, mode="bilinear", align_corners=False)[0]
+        for h, part in enumerate(resized.split([x.shape[1] for x in logits])):
+            probs = part.softmax(0)
             probs = probs.flip(-1) if flipped else probs
             if len(image.sums) <= h:
                 image.sums.append(probs)
@@ -221,7 +225,14 @@ def merge_windows(logits: torch.Tensor, boxes: Sequence[tuple[int, int, int, int
     number of windows covering each pixel (mmseg ``slide_inference``)."""
     total = logits.new_zeros((logits.shape[1], *shape))
     count = logits.new_zeros((1, *shape))
-    for window, (y1, y2, x1, x2) in zip(logits, boxes, strict=True):
-        total[:, y1:y2, x1:x2] += F.interpolate(window[None], size=(y2 - y1, x2 - x1), mode="bilinear", align_corners=False)[0]
+    sizes = {(y2 - y1, x2 - x1) for y1, y2, x1, x2 in boxes}
+    resized: torch.Tensor | list[torch.Tensor]
+    if len(sizes) == 1:  # the usual case: every window has the crop's size, resize them in one call
+        resized = F.interpolate(logits, size=sizes.pop(), mode="bilinear", align_corners=False)
+    else:
+        resized = [F.interpolate(w[None], size=(b[1] - b[0], b[3] - b[2]), mode="bilinear", align_corners=False)[0]
+                   for w, b in zip(logits, boxes, strict=True)]  # fmt: skip
+    for window, (y1, y2, x1, x2) in zip(resized, boxes, strict=True):
+        total[:, y1:y2, x1:x2] += window
         count[:, y1:y2, x1:x2] += 1
     return total / count
