@@ -186,6 +186,33 @@ class TrainConfig(ConfigDict):
 
 
 @dataclass(frozen=True)
+class FinetuneConfig(ConfigDict):
+    """What ``ssvt finetune`` adds to a :class:`TrainConfig`: the backbone trains too.
+
+    ``backbone_lr`` is the backbone's AdamW rate (its own parameter group; the head keeps
+    ``TrainConfig.lr``; both follow the same schedule). ``layer_decay`` < 1 scales it per block: block i of
+    ``depth`` gets ``backbone_lr * layer_decay ** (depth - 1 - i)``, the embeddings ``layer_decay ** depth``,
+    the final norm ``backbone_lr``; 1.0 is off. ``grad_checkpointing`` recomputes each block in the
+    backward pass (None: on CUDA only). ``amp`` runs the backbone under bf16 (fp16 with a gradient
+    scaler on GPUs without bf16) autocast on CUDA; the CPU always trains in fp32. ``workers`` decode images.
+    """
+
+    backbone_lr: float = 1e-5
+    layer_decay: float = 1.0
+    grad_checkpointing: bool | None = None
+    amp: bool = True
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.backbone_lr >= 0:
+            raise ConfigError(f"backbone_lr must be 0 or more, got {self.backbone_lr}")
+        if not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"layer_decay must be in (0, 1] (1.0 = off), got {self.layer_decay}")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be 0 or more, got {self.workers}")
+
+
+@dataclass(frozen=True)
 class KMeansVizConfig(ConfigDict):
     """Settings of one ``ssvt kmeans-viz`` run.
 

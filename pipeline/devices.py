@@ -39,11 +39,18 @@ def pick_device(spec: str) -> torch.device:
     return device
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype :func:`autocast` computes in on ``device``: bf16 or fp16 on CUDA, None (fp32) elsewhere."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """bf16 autocast on CUDA GPUs that support it, fp16 on older ones, plain fp32 on the CPU."""
-    if device.type != "cuda":
+    dtype = autocast_dtype(device)
+    if dtype is None:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast("cuda", dtype=dtype)
 
 

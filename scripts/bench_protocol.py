@@ -166,6 +166,8 @@ def run(root: Path, args: argparse.Namespace, device: torch.device) -> None:
 
     rows = []
     for name, runs in times.items():
+        if not runs:  # e.g. --separate-rounds 0
+            continue
         single = times["1 run"][: len(runs)]
         med = {k: statistics.median(p[k] for p in runs) for k in runs[0]}
         ratio = statistics.median(p["wall"] / s["wall"] for p, s in zip(runs, single, strict=True))

@@ -112,7 +112,7 @@ def test_siblings_label_sets_and_run_folders(tmp_path):
     assert files.is_run()
     names = {p.name for p in vars(files).values() if isinstance(p, Path) and p != files.dir}
     assert names == {"head.safetensors", "config.json", "history.json", "curve.png", "metrics.json", "confusion.npy",
-                     "confusion.png", "train.log", "metrics.csv", "tb"}  # fmt: skip
+                     "confusion.png", "train.log", "metrics.csv", "tb", "backbone.safetensors"}  # fmt: skip
     assert files.metrics_for("lin") == first / "metrics.lin.json"
     assert files.worst_for("cache") == first / "worst.png"
     assert files.confusion_figure_for("ms") == first / "confusion.ms.png"

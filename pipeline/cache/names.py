@@ -153,6 +153,7 @@ class RunFiles:
     def __init__(self, run_dir: StrPath) -> None:
         self.dir = Path(run_dir)
         self.head = self.dir / "head.safetensors"
+        self.backbone = self.dir / "backbone.safetensors"  # the tuned backbone of an `ssvt finetune` run
         self.config = self.dir / "config.json"
         self.history = self.dir / "history.json"
         self.metrics_csv = self.dir / "metrics.csv"  # the history, one row per step, written as training goes

@@ -283,7 +283,7 @@ class Backbone(nn.Module):
         norm = self._family.final_norm(self.model)
         normed: dict[int, torch.Tensor] = {}
         for i, layer in enumerate(self._family.blocks(self.model)[: max(layers) + 1]):
-            x = layer(x, **block_kwargs)
+            x = self._block(layer, x, block_kwargs)
             x = x[0] if isinstance(x, tuple) else x  # transformers 4.x layers return tuples
             if i in layers:
                 normed[i] = norm(x)
@@ -291,6 +291,10 @@ class Backbone(nn.Module):
         patches = torch.cat([normed[i][:, skip:] for i in layers], dim=-1)
         cls = torch.cat([normed[i][:, 0] for i in layers], dim=-1)
         return patches.reshape(batch, height // self.patch_size, width // self.patch_size, -1), cls
+
+    def _block(self, layer: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> Any:
+        """One transformer block (a hook for the trainable copy, which may checkpoint it)."""
+        return layer(x, **kwargs)
 
 
 def to_official_state_dict(backbone: Backbone | nn.Module) -> dict[str, torch.Tensor]:

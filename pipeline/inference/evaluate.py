@@ -64,7 +64,9 @@ class LoadedRun:
 
     @property
     def weights_sha256(self) -> str | None:
-        return self.config["store"]["identity"].get("weights_sha256")
+        """The backbone weights the head was trained with: the tuned ones of a finetune run, else the store's."""
+        tuned = (self.config.get("finetune") or {}).get("backbone_sha256")
+        return tuned or self.config["store"]["identity"].get("weights_sha256")
 
     def group_key(self) -> str:
         """Runs with equal keys share one backbone pass."""
@@ -73,9 +75,13 @@ class LoadedRun:
 
 
 def load_for_protocol(run_dir: StrPath, weights: str | None = None) -> LoadedRun:
-    """The head of ``run_dir`` and the extract settings of the store it was trained on."""
+    """The head of ``run_dir`` and the extract settings of the store it was trained on; a finetune run's
+    backbone weights are its own ``backbone.safetensors`` (``weights`` is then ignored)."""
     head, config = load_run(run_dir)
     settings = dict(config["store"].get("extract_config") or _store_extract_config(config["store"]["path"], run_dir))
+    tuned = RunFiles(run_dir).backbone
+    if tuned.is_file():
+        weights = str(tuned)
     if weights is not None:
         settings.update(weights=weights, random_init=False)
     extract = ExtractConfig.from_dict(settings)
@@ -112,9 +118,11 @@ def protocol_items(run: LoadedRun, *, data: StrPath | None, split: str, workspac
 def _backbone(run: LoadedRun) -> Backbone:
     backbone = load_backbone(run.extract)
     if run.weights_sha256 and backbone.fingerprint != run.weights_sha256:
+        tuned = run.extract.weights == str(RunFiles(run.run_dir).backbone)
+        fix = "the file changed since fine-tuning; fine-tune again" if tuned else "pass --weights with the right file"
         raise StoreMismatchError(
             f"the weights found for {run.extract.model} ({backbone.weights_source}) are not the ones {run.run_dir} was "
-            "trained on (SHA-256 differs); pass --weights with the right file"
+            f"trained on (SHA-256 differs); {fix}"
         )
     return backbone
 

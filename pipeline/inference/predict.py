@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cache.names import ImageStatus, StrPath
+from pipeline.cache.names import ImageStatus, RunFiles, StrPath
 from pipeline.cache.store import FeatureStore
 from pipeline.devices import pick_device
 from pipeline.errors import ConfigError
@@ -100,6 +100,8 @@ def predict(
     summary = PredictSummary(out, protocol)
     names = load_run(run_dir)[1].get("classes")
     if protocol == CACHE:
+        if RunFiles(run_dir).backbone.is_file():
+            raise ConfigError(f"{run_dir} fine-tuned its backbone, so the cached features do not fit it; use --protocol lin")
         if store_path is None:
             raise ConfigError("--protocol cache predicts from a feature store: pass --store (or --split with a cached split)")
         results = _store_probs(run_dir, store_path, device)

@@ -193,6 +193,11 @@ def evaluate(
     files = RunFiles(run_dir)
     if not files.is_run():
         raise ConfigError(f"{files.dir} is not a train-head run folder (no {files.config.name})")
+    if files.backbone.is_file():  # a finetune run: the cached tokens are the frozen backbone's, so run its own online
+        from pipeline.training.finetune import evaluate_finetuned
+
+        return evaluate_finetuned(run_dir, gt, store_path=store_path, val_split=val_split, flip_tta=flip_tta,
+                                  save_predictions=save_predictions, device=device, progress=progress)  # fmt: skip
     head, config = load_run(files.dir)
     if store_path is None:
         store_path = sibling_store(config["store"]["path"], val_split)
