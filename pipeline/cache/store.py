@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -36,16 +36,13 @@ from pipeline.cache.names import ImageStatus, StoreIdentity, label_set_paths
 from pipeline.cache.shardread import ShardReader
 from pipeline.errors import StoreError, store_io
 
-if TYPE_CHECKING:
-    from zarr.core.array_spec import ArrayConfigParams
-
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
 # Runtime settings, not stored in the metadata, so they are applied on every open: an all-zero image
 # (a failed decode) is still written, and no chunk pays an emptiness check.
-_ARRAY_CONFIG: ArrayConfigParams = {"write_empty_chunks": True}
+_ARRAY_CONFIG: Any = {"write_empty_chunks": True}  # zarr's ArrayConfigParams; its type lives in private zarr.core
 _REQUIRED: dict[str, type | tuple[type, ...]] = {"backbone": str, "layers": (list, tuple), "size": int}
 _CHECKED = ("ssvt_schema", "grid", "channels", "views", "dtype", "images_per_shard", "n_images")
 _OWNED = (*_CHECKED, "ssvt_version", "created", "ids", "sources")
