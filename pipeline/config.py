@@ -24,7 +24,7 @@ from typing import Any, Self
 from pipeline.cache.datasets import DATASET_CLASSES, MASK_MAPPINGS, folder_splits
 from pipeline.cache.geometry import IGNORE
 from pipeline.cache.label_kinds import LabelSource, guess_kind
-from pipeline.cache.names import CacheLayout
+from pipeline.cache.names import CacheLayout, Location, is_url, local_only, location
 from pipeline.errors import ConfigError
 from pipeline.heads import DEFAULT_HEAD, check_head
 
@@ -437,7 +437,7 @@ class Workspace:
     train_split: str = "train"
     val_split: str | None = "val"
     num_classes: int = 21
-    cache_dir: Path = Path("cache")
+    cache_dir: Location = Path("cache")  # a local folder, or a URL (s3://bucket/cache)
     runs_dir: Path = Path("runs")
     labels: dict[str, LabelSource] = field(default_factory=dict)
     classes: tuple[str, ...] | None = None
@@ -483,8 +483,8 @@ class Workspace:
             val_split=val_split,
             num_classes=num_classes,
             classes=classes,
-            cache_dir=base / paths.get("cache", "cache"),
-            runs_dir=base / paths.get("runs", "runs"),
+            cache_dir=_cache_root(paths.get("cache", "cache"), base),
+            runs_dir=_runs_root(paths.get("runs", "runs"), base, path),
             labels=labels,
         )
 
@@ -506,6 +506,16 @@ class Workspace:
             known = ", ".join(sorted(self.labels)) or "none"
             raise ConfigError(f"no label source {name!r} in {self.file}; known: {known}")
         return self.labels[name]
+
+
+def _cache_root(value: str, base: Path) -> Location:
+    """[paths] cache: a URL as it is (cache_layout.md, "Stores on object storage"), else relative to ``base``."""
+    return location(value) if is_url(value) else base / value
+
+
+def _runs_root(value: str, base: Path, file: Path) -> Path:
+    """[paths] runs, relative to ``base``; run folders are local, so a URL other than ``file://`` is refused."""
+    return local_only(value, f"{file}: [paths] runs") if is_url(value) else base / value
 
 
 def default_masks(root: Path, fmt: str) -> Path | None:

@@ -5,7 +5,9 @@ Usage::
 
     ranks = Ranks.from_environment()          # torchrun sets RANK/WORLD_SIZE/...; else a single process
     ranks = Ranks.from_part("2/4")            # part 2 of 4 (1-based on the command line), no group
+    ranks = Ranks.from_options(part)          # --part when given (refused under torchrun), else the above
     mine = ranks.deal(missing_shards)         # this process's share of a list every process agrees on
+    mine = ranks.deal_shards(missing_shards)  # by shard number for parts of a job array (timing-free)
     if ranks.is_main: ...                     # rank 0 prints, writes tables and creates stores
     ranks.barrier(); ranks.broadcast(obj); ranks.gather(obj); ranks.close()
 
@@ -23,14 +25,14 @@ import datetime
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, RankFailed
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -83,10 +85,28 @@ class Ranks:
             raise ConfigError(f"--part takes i/n with 1 <= i <= n (e.g. 1/4 for the first of four parts), got {spec!r}")
         return cls(int(match[1]) - 1, int(match[2]), False)
 
+    @classmethod
+    def from_options(cls, part: str | None = None) -> Ranks:
+        """:meth:`from_part` when ``part`` is given, else :meth:`from_environment`. ``part`` is refused
+        under torchrun (``WORLD_SIZE`` > 1), whose ranks share the work already."""
+        if part is None:
+            return cls.from_environment()
+        if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+            raise ConfigError(
+                "--part is for job arrays started without torchrun; under torchrun the ranks already share the work: drop --part"
+            )
+        return cls.from_part(part)
+
     @property
     def is_main(self) -> bool:
         """Rank 0: the process that prints, writes shared files and creates stores."""
         return self.rank == 0
+
+    @property
+    def reports(self) -> bool:
+        """Whether this process prints progress and summaries: rank 0 of a group, a single process and
+        every part of a job array (each part has a log of its own)."""
+        return self.is_main or not self.group
 
     @property
     def label(self) -> str:
@@ -108,6 +128,16 @@ class Ranks:
         different moments; parts of a job array must pass a list that does not depend on timing."""
         items = list(self.broadcast(list(items)))
         return items[self.rank :: self.world]
+
+    def deal_shards(self, missing: Sequence[int]) -> list[int]:
+        """This process's share of the ``missing`` shard numbers. Under a group, rank 0's list dealt
+        round robin (:meth:`deal`), so the ranks of a resumed run share what is left evenly. For a part
+        of a job array, the shards ``k`` with ``k % world == rank``: that depends on the shard, not on
+        the moment a part read the list, so parts started at different times never take the same
+        shard. A single process takes them all."""
+        if self.group:
+            return self.deal(missing)
+        return [k for k in missing if k % self.world == self.rank]
 
     def barrier(self) -> None:
         if self.group:
@@ -133,6 +163,32 @@ class Ranks:
         """True on every rank when ``ok`` is True on every rank: lets all ranks stop together after
         one fails a step that the others wait on (instead of the others hanging at the next barrier)."""
         return all(self.gather(bool(ok)))
+
+    def check(self, error: BaseException | None, what: str) -> None:
+        """A sync point after a step every rank tries (``error``: how it failed here, or None): when it
+        failed on any rank, every rank raises, the failing ones their own error and the others a
+        :class:`RankFailed` naming the first failed rank and its message, so no rank goes on to
+        wait for a failed one at a later collective. Without a group: re-raises ``error`` if any."""
+        messages = self.gather(None if error is None else str(error) or type(error).__name__)
+        if error is not None:
+            raise error
+        failed = [r for r, message in enumerate(messages) if message is not None]
+        if failed:
+            raise RankFailed(f"{what} failed on rank {failed[0]} of {self.world}: {messages[failed[0]]}")
+
+    def on_main(self, fn: Callable[[], T], what: str) -> T:
+        """``fn()`` run by rank 0 of the group alone (e.g. writing a shared file), its result (picklable)
+        on every rank; when it raises, every rank raises (:meth:`check`) instead of waiting for it.
+        Without a group (one process, or a part of a job array) this process runs ``fn`` itself."""
+        result: T | None = None
+        error: BaseException | None = None
+        if self.is_main or not self.group:
+            try:
+                result = fn()
+            except Exception as exc:  # every rank stops with it
+                error = exc
+        self.check(error, what)
+        return cast(T, self.broadcast(result))
 
     def close(self) -> None:
         """Leave the process group (if this process joined one)."""

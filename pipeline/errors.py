@@ -43,6 +43,10 @@ class LabelError(SsvtError, ValueError):
     """A label source holds values, ids or shapes that do not fit the store."""
 
 
+class RankFailed(SsvtError, RuntimeError):
+    """Another rank of the process group failed a step this rank waited on (``Ranks.check``)."""
+
+
 _SPACE, _PERMISSION = "free space or choose --out elsewhere", "fix the permissions or choose --out elsewhere"
 _OS_ERRORS = {
     errno.ENOSPC: ("disk full", _SPACE),

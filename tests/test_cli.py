@@ -82,13 +82,25 @@ def test_train_head_flags_become_config(toy_copy, monkeypatch):
     assert ws.file == root / "ssvt.toml"
     assert source == LabelSource("eps", "mask", root / "labels" / "pseudo_eps")
     assert kw["gt"] == LabelSource("gt", "mask", root / "VOC2012" / "SegmentationClass")
-    assert kw["store_path"] == Path("X.zarr")
-    assert kw["val_store_path"] == Path("Y.zarr")
+    assert kw["store_path"] == "X.zarr"  # a store may be a URL: passed on as typed
+    assert kw["val_store_path"] == "Y.zarr"
     assert kw["features"] == "NAME"
     assert kw["out"] == Path("somewhere")
     assert kw["strict"] is True
     assert callable(kw["progress"])
-    assert set(kw) == {"store_path", "val_store_path", "gt", "features", "out", "strict", "progress"}
+    assert kw["ranks"].world == 1  # no torchrun here: one process
+    assert set(kw) == {"store_path", "val_store_path", "gt", "features", "out", "strict", "progress", "ranks"}
+
+
+@pytest.mark.parametrize("command", ["train-head", "finetune"])
+def test_a_url_as_run_folder_is_one_line(toy_copy, monkeypatch, command):
+    """Run folders stay local; a URL is refused before anything is read, not turned into 's3:/b/r'."""
+    pytest.importorskip("s3fs", reason="the s3 extra (pip install 'ssvt[s3]') parses URLs")
+    monkeypatch.chdir(toy_copy)
+    result = runner.invoke(app, [command, "--labels", "eps", "--out", "s3://bucket/runs/r"])
+    assert result.exit_code == 1
+    assert "--out (the run folder) must be a local folder" in result.output
+    assert not (toy_copy / "s3:").exists()
 
 
 def test_evaluate_flags_become_call(toy_copy, monkeypatch):
@@ -112,7 +124,7 @@ def test_evaluate_flags_become_call(toy_copy, monkeypatch):
     assert runs == [Path("RUN"), Path("RUN2")]
     assert gt == LabelSource("gt", "mask", toy_copy.resolve() / "VOC2012" / "SegmentationClass")
     assert kw["protocol"] == "ms"
-    assert kw["store_path"] == Path("S.zarr")
+    assert kw["store_path"] == "S.zarr"
     assert kw["split"] == "val"
     assert kw["flip_tta"] is True
     assert kw["save_predictions"] == Path("P")
@@ -170,7 +182,7 @@ def test_kmeans_viz_flags_become_config(toy_copy, monkeypatch):
     result = runner.invoke(app, ["kmeans-viz", "--store", "S.zarr", "--k", "3,5", "--ids", "a,b", "--seed", "2", "--joint",
                                  "--no-normalize", "--no-pca", "--gt", "gt", "--out", "OUT"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert seen["opened"] == [(Path("S.zarr"), (), {})]
+    assert seen["opened"] == [("S.zarr", (), {})]
     assert len(seen["calls"]) == 1
     (opened, out, cfg), kw = seen["calls"][0]
     assert opened is store

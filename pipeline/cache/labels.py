@@ -8,7 +8,8 @@ Usage::
 Each label kind's reader (:mod:`pipeline.cache.label_kinds`) places its labels on the canvas: dense
 masks by nearest neighbour, scribbles and points drawn after the geometry transform so no stroke or
 click is lost. This is the only module that imports h5py; the file layout is specified in
-cache_layout.md ("Label set").
+cache_layout.md ("Label set"). A label set beside a store on object storage is built in a local
+temporary file and uploaded whole, and read back through a file object (:mod:`pipeline.cache.remote`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import numpy as np
 from pipeline import __version__
 from pipeline.cache.geometry import IGNORE
 from pipeline.cache.label_kinds import KindReader, LabelSource
-from pipeline.cache.names import ImageStatus, label_set_path
+from pipeline.cache.names import ImageStatus, Location, label_set_path
+from pipeline.cache.remote import download, readable, replaced_whole
 from pipeline.cache.store import FeatureStore
 from pipeline.errors import LabelError, StoreError, store_io
 
@@ -42,7 +44,7 @@ LABEL_SCHEMA = 1
 class LabelSet:
     """An imported label set: a read-only view of its HDF5 file (cache_layout.md, "Label set")."""
 
-    path: Path
+    path: Location
     name: str
     kind: str
     sparse: bool
@@ -51,9 +53,9 @@ class LabelSet:
     attrs: dict[str, Any]
 
     @classmethod
-    def open(cls, path: Path) -> LabelSet:
+    def open(cls, path: Location) -> LabelSet:
         try:
-            with h5py.File(path, "r") as f:
+            with readable(path) as source, h5py.File(source, "r") as f:
                 attrs = {k: _decode(v) for k, v in f.attrs.items()}
                 labelled = f["pixel_count"][...] > 0
                 canvas = int(f["masks"].shape[-1])
@@ -69,21 +71,28 @@ class LabelSet:
 
     def masks(self, indices: np.ndarray) -> np.ndarray:
         """(n, S, S) uint8 canvas labels for store indices ``indices`` (any order)."""
-        with h5py.File(self.path, "r") as f:
+        with readable(self.path) as source, h5py.File(source, "r") as f:
             ds = f["masks"]
             return np.stack([ds[int(i)] for i in indices]) if len(indices) else np.empty((0, self.canvas, self.canvas), np.uint8)
 
     def image_labels(self) -> np.ndarray | None:
         """(N, 20) float32 multi-hot for image-level sets (cls-labels), else None."""
-        with h5py.File(self.path, "r") as f:
+        with readable(self.path) as source, h5py.File(source, "r") as f:
             return f["image_labels"][...] if "image_labels" in f else None
 
 
-def update_label_attrs(path: Path, **attrs: Any) -> None:
+def update_label_attrs(path: Location, **attrs: Any) -> None:
     """Add or replace attributes of an existing label set (e.g. ``quality`` from ``ssvt score-labels``);
-    the masks and their fingerprint are untouched."""
-    with h5py.File(path, "r+") as f:
-        f.attrs.update(attrs)
+    the masks and their fingerprint are untouched. On object storage the file is fetched, changed and
+    uploaded whole."""
+    if isinstance(path, Path):
+        with h5py.File(path, "r+") as f:
+            f.attrs.update(attrs)
+        return
+    with replaced_whole(path) as tmp:
+        download(path, tmp)
+        with h5py.File(tmp, "r+") as f:
+            f.attrs.update(attrs)
 
 
 def _decode(value: Any) -> Any:
@@ -178,53 +187,47 @@ def write_label_set(
     returns the kind and provenance attributes (it may raise to refuse the set); the counts, histogram
     and fingerprints are added here. ``image_labels``: (N, C) class flags for image-level sets.
 
-    Written to a temporary file and renamed when complete, so a crash never leaves half a label set.
+    Written to a local temporary file that replaces the set whole when complete (renamed, or uploaded
+    to object storage), so a crash never leaves half a label set.
     """
     geoms, status, ids, s = store.geometries(), store.status(), store.ids, store.size
     path = label_set_path(store.path, name)
-    tmp = path.with_suffix(".h5.tmp")
     digest = hashlib.sha256()
     counts = np.zeros(len(ids), dtype=np.int64)
     hist = np.zeros(num_classes, dtype=np.int64)
     missing: list[str] = []
-    try:
-        with store_io(f"writing label set {name!r} into {path}"), h5py.File(tmp, "w") as f:
-            masks = f.create_dataset(
-                "masks", (len(ids), s, s), dtype=np.uint8, chunks=(1, s, s), compression="lzf", fillvalue=IGNORE
-            )
-            for i, image_id in enumerate(ids):
-                labels = canvas(i) if status[i] == ImageStatus.OK else None
-                if labels is None:
-                    missing.append(image_id)
-                    labels = np.full((s, s), IGNORE, dtype=np.uint8)
-                masks[i] = labels
-                digest.update(labels.tobytes())
-                valid = labels[labels != IGNORE]
-                counts[i] = valid.size
-                hist += np.bincount(valid, minlength=num_classes)[:num_classes]
-                if progress:
-                    progress(i + 1, len(ids))
-            provenance = attrs(missing)
-            f.create_dataset("pixel_count", data=counts)
-            f.create_dataset("class_histogram", data=hist)
-            if image_labels is not None:  # the masks are all 255 here: the rows are the content to fingerprint
-                f.create_dataset("image_labels", data=image_labels)
-                digest.update(image_labels.tobytes())
-            content = counts.sum() / max(
-                1, sum(g.resized_height * g.resized_width for g, st in zip(geoms, status, strict=True) if st == ImageStatus.OK)
-            )
-            f.attrs.update({
-                "ssvt_label_schema": LABEL_SCHEMA, "ssvt_version": __version__, "name": name, "points_dropped": 0,
-                **provenance,
-                "store_fingerprint": store.fingerprint(), "sha256": digest.hexdigest(), "num_classes": num_classes,
-                "images": len(ids), "images_without_label": len(missing),
-                "images_labelled": len(ids) - len(missing) if image_labels is not None else int((counts > 0).sum()),
-                "labelled_fraction": float(content), "class_histogram": json.dumps(hist.tolist()),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            })  # fmt: skip
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with store_io(f"writing label set {name!r} into {path}"), replaced_whole(path) as tmp, h5py.File(tmp, "w") as f:
+        masks = f.create_dataset("masks", (len(ids), s, s), dtype=np.uint8, chunks=(1, s, s), compression="lzf", fillvalue=IGNORE)
+        for i, image_id in enumerate(ids):
+            labels = canvas(i) if status[i] == ImageStatus.OK else None
+            if labels is None:
+                missing.append(image_id)
+                labels = np.full((s, s), IGNORE, dtype=np.uint8)
+            masks[i] = labels
+            digest.update(labels.tobytes())
+            valid = labels[labels != IGNORE]
+            counts[i] = valid.size
+            hist += np.bincount(valid, minlength=num_classes)[:num_classes]
+            if progress:
+                progress(i + 1, len(ids))
+        provenance = attrs(missing)
+        f.create_dataset("pixel_count", data=counts)
+        f.create_dataset("class_histogram", data=hist)
+        if image_labels is not None:  # the masks are all 255 here: the rows are the content to fingerprint
+            f.create_dataset("image_labels", data=image_labels)
+            digest.update(image_labels.tobytes())
+        content = counts.sum() / max(
+            1, sum(g.resized_height * g.resized_width for g, st in zip(geoms, status, strict=True) if st == ImageStatus.OK)
+        )
+        f.attrs.update({
+            "ssvt_label_schema": LABEL_SCHEMA, "ssvt_version": __version__, "name": name, "points_dropped": 0,
+            **provenance,
+            "store_fingerprint": store.fingerprint(), "sha256": digest.hexdigest(), "num_classes": num_classes,
+            "images": len(ids), "images_without_label": len(missing),
+            "images_labelled": len(ids) - len(missing) if image_labels is not None else int((counts > 0).sum()),
+            "labelled_fraction": float(content), "class_histogram": json.dumps(hist.tolist()),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })  # fmt: skip
     return LabelSet.open(path)
 
 

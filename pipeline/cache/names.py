@@ -2,8 +2,10 @@
 
 Every other module asks here for a path instead of building one: where a split's store is, its
 sibling splits, the label sets beside a store, a new run folder and the files in it. Roots are
-``str | os.PathLike``; ``Path`` arithmetic stays inside this module (object storage will only change
-this layer). Usage::
+``str | os.PathLike``; ``Path`` arithmetic stays inside this module. A store or cache root may also be
+a URL (``s3://bucket/cache``, ``gs://...``; cache_layout.md, "Stores on object storage"):
+:func:`location` turns it into a :class:`upath.UPath` (the optional ``ssvt[s3]`` extra), which has the
+same ``/``, ``parent``, ``name``, ``exists`` and ``glob`` as a ``Path``; run folders stay local. Usage::
 
     layout = CacheLayout("cache", "runs")
     name = cache_name("dinov2_vitl14", 448, layers=(20, 21, 22, 23), depth=24)   # dinov2_vitl14-448-last4
@@ -22,11 +24,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
+from urllib.parse import urlsplit
 
 from pipeline.errors import ConfigError
 
+if TYPE_CHECKING:
+    from upath import UPath
+
+#: Where a store, a label set or a cache folder is: a local ``Path``, or a ``UPath`` for a URL.
+Location: TypeAlias = "Path | UPath"
 StrPath = str | os.PathLike[str]
+#: What callers pass for a store, a label set or a cache root: a string (a local path or a URL), an
+#: ``os.PathLike`` or a :data:`Location`.
+StorePath: TypeAlias = "str | os.PathLike[str] | Path | UPath"
 
 STORE_SUFFIX = ".zarr"
 LABEL_SET_INFIX, LABEL_SET_SUFFIX = ".labels.", ".h5"
@@ -70,36 +81,86 @@ def legacy_cache_name(model: str, size: int, layers_text: str, random_init: bool
     return f"{model}-{size}-{layers}" + ("-random" if random_init else "")
 
 
-def sibling_store(store_path: StrPath, split: str) -> Path:
+# --- locations: local paths and URLs ----------------------------------------------------------------
+
+
+def is_url(path: object) -> bool:
+    """True for a URL with a scheme of two or more letters (``s3://b/k``, ``file:///x``); a Windows
+    drive (``C:/x``) or a plain path is not one."""
+    if not isinstance(path, str):  # a UPath of a URL has a protocol; Path and a local UPath have none
+        return getattr(path, "protocol", "") not in ("", "file", "local")
+    scheme = urlsplit(path).scheme
+    return len(scheme) > 1 and path.startswith(f"{scheme}://")
+
+
+def location(path: StorePath) -> Location:
+    """A store, label set or cache root as this layer handles it: a local ``Path``, or a ``UPath`` for a
+    URL on object storage (``s3://bucket/cache``; fsspec's filesystems, so ``gs://`` with gcsfs too).
+    ``file://`` URLs are local paths (and get the direct shard reader). Credentials come from the
+    environment and the tools' config files only: a URL that carries them is refused."""
+    if not is_url(path):
+        return path if isinstance(path, Path) else Path(path if isinstance(path, str | os.PathLike) else str(path))
+    text = str(path)
+    parts = urlsplit(text)
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(
+            f"{parts.scheme}://{parts.hostname}/...: credentials in a URL are refused (they would be written into "
+            "run folders and logs); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or use ~/.aws/credentials"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{text}: a store URL takes no query or fragment; set options in the environment")
+    if parts.scheme == "file":
+        return Path(parts.path)
+    try:
+        from upath import UPath
+    except ImportError:
+        raise ConfigError(f"{text}: stores on object storage need the s3 extra: pip install 'ssvt[s3]'") from None
+    try:
+        remote = UPath(text, use_listings_cache=False)  # other processes write the store: never trust a cached listing
+        remote.fs  # noqa: B018 -- make the filesystem now, so that a missing package is reported here
+    except (ImportError, ValueError) as exc:  # fsspec names the package a protocol needs (gcsfs for gs://)
+        raise ConfigError(f"{text}: {exc}") from None
+    return remote
+
+
+def local_only(path: StrPath, what: str) -> Path:
+    """``path`` as a local ``Path``; a URL is refused with a one-line error naming ``what`` it is for."""
+    where = location(path)
+    if not isinstance(where, Path):
+        raise ConfigError(f"{what} must be a local folder, got the URL {path}; only stores and caches may be URLs")
+    return where
+
+
+def sibling_store(store_path: StorePath, split: str) -> Location:
     """The store of ``split`` in the same cache folder as ``store_path`` (e.g. val next to train)."""
-    return Path(store_path).parent / f"{split}{STORE_SUFFIX}"
+    return location(store_path).parent / f"{split}{STORE_SUFFIX}"
 
 
-def label_set_path(store_path: StrPath, name: str) -> Path:
+def label_set_path(store_path: StorePath, name: str) -> Location:
     """``<store folder>/<store stem>.labels.<name>.h5``, e.g. ``cache/m-448-last/train.labels.eps.h5``."""
-    path = Path(store_path)
+    path = location(store_path)
     return path.parent / f"{path.stem}{LABEL_SET_INFIX}{name}{LABEL_SET_SUFFIX}"
 
 
-def label_set_paths(store_path: StrPath) -> dict[str, Path]:
+def label_set_paths(store_path: StorePath) -> dict[str, Location]:
     """The label sets imported for a store: name -> path, sorted by name."""
-    path = Path(store_path)
+    path = location(store_path)
     prefix = f"{path.stem}{LABEL_SET_INFIX}"
-    found = sorted(path.parent.glob(f"{prefix}*{LABEL_SET_SUFFIX}"))
+    found: list[Location] = sorted(path.parent.glob(f"{prefix}*{LABEL_SET_SUFFIX}"), key=str)
     return {p.name[len(prefix) : -len(LABEL_SET_SUFFIX)]: p for p in found}
 
 
 class CacheLayout:
     """The cache and runs roots of a workspace, and the names under them."""
 
-    def __init__(self, cache: StrPath, runs: StrPath = "runs") -> None:
-        self.cache = Path(cache)
-        self.runs = Path(runs)
+    def __init__(self, cache: StorePath, runs: StrPath = "runs") -> None:
+        self.cache = location(cache)  # a local folder or a URL
+        self.runs = local_only(runs, "the runs folder")
 
     def __repr__(self) -> str:
         return f"CacheLayout(cache={str(self.cache)!r}, runs={str(self.runs)!r})"
 
-    def store_path(self, name: str, split: str, *, legacy_name: str | None = None) -> Path:
+    def store_path(self, name: str, split: str, *, legacy_name: str | None = None) -> Location:
         """``<cache>/<name>/<split>.zarr``; a store that ssvt 0.1 wrote under ``legacy_name`` is
         returned instead when only it exists."""
         path = self.cache / name / f"{split}{STORE_SUFFIX}"
@@ -109,7 +170,7 @@ class CacheLayout:
                 return legacy
         return path
 
-    def find_store(self, split: str, name: str | None = None) -> Path:
+    def find_store(self, split: str, name: str | None = None) -> Location:
         """The store of ``split`` in cache folder ``name``, or in the only cache folder that has this
         split when ``name`` is None."""
         if name is not None:
@@ -117,7 +178,7 @@ class CacheLayout:
             if not path.exists():
                 raise ConfigError(f"no store {path}; run `ssvt extract` first or check --features")
             return path
-        found = sorted(self.cache.glob(f"*/{split}{STORE_SUFFIX}"))
+        found: list[Location] = sorted(self.cache.glob(f"*/{split}{STORE_SUFFIX}"), key=str)
         if not found:
             raise ConfigError(f"no cached features for split {split!r} under {self.cache}; run `ssvt extract` first")
         if len(found) > 1:
@@ -151,7 +212,7 @@ class RunFiles:
     """The files of one ``train-head`` run folder (README, "Runs")."""
 
     def __init__(self, run_dir: StrPath) -> None:
-        self.dir = Path(run_dir)
+        self.dir = local_only(run_dir, "a run folder")
         self.head = self.dir / "head.safetensors"
         self.backbone = self.dir / "backbone.safetensors"  # the tuned backbone of an `ssvt finetune` run
         self.config = self.dir / "config.json"
@@ -190,7 +251,7 @@ class AblationFiles:
     """The files of one ``ssvt ablate`` grid folder (README, "Ablations")."""
 
     def __init__(self, root: StrPath) -> None:
-        self.dir = Path(root)
+        self.dir = local_only(root, "an ablation folder")
         self.cells = self.dir / "cells"  # one train-head run folder per cell, named after the cell
         self.grid = self.dir / "grid.json"  # the grid's settings, to refuse resuming with others
         self.results_csv = self.dir / "results.csv"

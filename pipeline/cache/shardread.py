@@ -27,11 +27,13 @@ import math
 import os
 import sys
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import google_crc32c  # zarr's own dependency (its crc32c codec)
 import numpy as np
+
+if TYPE_CHECKING:
+    from pipeline.cache.names import Location
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ class ShardReader:
     (the caller then reads through zarr), with ``last_reason`` saying why; None before any read.
     """
 
-    def __init__(self, array_dir: Path, images_per_shard: int, views: int, ndim: int, chunk_bytes: int):
+    def __init__(self, array_dir: Location, images_per_shard: int, views: int, ndim: int, chunk_bytes: int):
         self.array_dir, self.images_per_shard, self.views = array_dir, images_per_shard, views
         self.ndim, self.chunk_bytes = ndim, chunk_bytes
         self.last_path: ReadPath | None = None
@@ -63,7 +65,7 @@ class ShardReader:
 
     @classmethod
     def for_array(
-        cls, array_dir: Path, codecs: list[dict[str, Any]], images_per_shard: int, views: int, ndim: int, chunk_bytes: int
+        cls, array_dir: Location, codecs: list[dict[str, Any]], images_per_shard: int, views: int, ndim: int, chunk_bytes: int
     ) -> ShardReader | None:
         """A reader when the array at ``array_dir`` has the uncompressed layout of cache_layout.md,
         both in ``codecs`` (its codecs as zarr reports them, a list of dicts) and in its ``zarr.json``;
@@ -81,7 +83,7 @@ class ShardReader:
 
     @staticmethod
     def layout_problem(
-        array_dir: Path, codecs: list[dict[str, Any]], images_per_shard: int, views: int, ndim: int, chunk_bytes: int
+        array_dir: Location, codecs: list[dict[str, Any]], images_per_shard: int, views: int, ndim: int, chunk_bytes: int
     ) -> str | None:
         """Why the array at ``array_dir`` cannot be read directly (the first difference from the
         documented layout, in words), or None when it can."""
@@ -98,7 +100,11 @@ class ShardReader:
         except (TypeError, AttributeError, KeyError, IndexError) as e:
             return f"its zarr.json is not the zarr v3 array metadata expected ({type(e).__name__}: {e})"
 
-    def shard_file(self, shard: int) -> Path:
+    def prefetch(self, shard: int, n: int) -> None:
+        """Nothing on local disk (the kernel reads ahead); :class:`pipeline.cache.remote.RemoteShardReader`
+        fetches the next shard of a store on object storage here."""
+
+    def shard_file(self, shard: int) -> Location:
         """``<array>/c/<shard>/0/0/...`` (default chunk key encoding, one shard along every other axis)."""
         return self.array_dir.joinpath("c", str(shard), *["0"] * (self.ndim - 1))
 
@@ -111,7 +117,11 @@ class ShardReader:
         ``preadv`` scattering into the chunks' places in ``out``. Returns False, having read nothing
         usable, when the shard cannot be read directly; ``last_path``/``last_reason`` and a log record
         (attribute ``read_path``) say which it was."""
-        reason = self._read(shard, n, out, per_read, rows)
+        return self._record(shard, self._read(shard, n, out, per_read, rows))
+
+    def _record(self, shard: int, reason: str | None) -> bool:
+        """Note how a read of ``shard`` went (``reason``: why it could not be direct, or None) in
+        ``last_path``/``last_reason`` and the log; True when it was direct."""
         self.last_path, self.last_reason = ("direct", None) if reason is None else ("zarr", reason)
         if reason is None:
             log.debug("%s: shard %d read directly", self.array_dir, shard, extra={"read_path": "direct"})
@@ -126,7 +136,7 @@ class ShardReader:
         if out.dtype != np.float16 or not out.flags.c_contiguous or out.nbytes != n * self.views * self.chunk_bytes:
             return f"out is {out.dtype}{out.shape}, not a C-contiguous float16 block of {n} images"
         try:
-            fd = os.open(self.shard_file(shard), os.O_RDONLY)
+            fd = os.open(str(self.shard_file(shard)), os.O_RDONLY)
         except OSError as e:
             return f"no shard file ({e.strerror})"
         try:
@@ -161,14 +171,23 @@ class ShardReader:
         if size < index_size:
             return f"shard file of {size} bytes is shorter than its index ({index_size} bytes)"
         raw = os.pread(fd, index_size, size - index_size)
-        if google_crc32c.value(raw[:-CHECKSUM]) != int.from_bytes(raw[-CHECKSUM:], "little"):
-            return "shard index checksum mismatch"
-        index = np.frombuffer(raw[:-CHECKSUM], dtype="<u8").reshape(entries, 2)[: n * self.views]
-        offsets, lengths = index[:, 0].astype(np.int64), index[:, 1]
-        data_end = size - index_size
-        if (lengths != self.chunk_bytes).any() or (index[:, 0] > data_end - self.chunk_bytes).any():
-            return f"a chunk is missing or is not {self.chunk_bytes} uncompressed bytes"  # missing: 2**64 - 1
-        return offsets
+        return parse_index(raw, entries, n * self.views, self.chunk_bytes, size - index_size)
+
+
+def parse_index(raw: bytes, entries: int, count: int, chunk_bytes: int, data_end: int | None) -> np.ndarray | str:
+    """(count,) byte offsets of the first ``count`` chunks from a shard index (``raw``: ``entries``
+    (offset, nbytes) pairs and the crc32c); or, in words, why not: the index is damaged, or a chunk is
+    missing or not ``chunk_bytes`` uncompressed bytes ending by ``data_end`` (unchecked when None)."""
+    if len(raw) != entries * INDEX_ENTRY + CHECKSUM:
+        return f"shard index of {len(raw)} bytes, expected {entries * INDEX_ENTRY + CHECKSUM}"
+    if google_crc32c.value(raw[:-CHECKSUM]) != int.from_bytes(raw[-CHECKSUM:], "little"):
+        return "shard index checksum mismatch"
+    index = np.frombuffer(raw[:-CHECKSUM], dtype="<u8").reshape(entries, 2)[:count]
+    offsets, lengths = index[:, 0].astype(np.int64), index[:, 1]
+    end = np.iinfo(np.int64).max if data_end is None else data_end
+    if (lengths != chunk_bytes).any() or (index[:, 0] > end - chunk_bytes).any():
+        return f"a chunk is missing or is not {chunk_bytes} uncompressed bytes"  # missing: 2**64 - 1
+    return offsets
 
 
 def _metadata_problem(meta: dict[str, Any], images_per_shard: int, views: int, ndim: int, chunk_bytes: int) -> str | None:

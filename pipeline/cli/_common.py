@@ -207,6 +207,14 @@ def _update_task(bar: Progress, task: Any, done: int, total: int) -> None:
     bar.update(task, completed=done, total=total)
 
 
+def run_folder(out: str | None) -> Path | None:
+    """``--out`` of a command that writes a run folder: a local ``Path`` (a URL is refused in one line;
+    run folders stay local, only stores and caches may be URLs), or None for the default."""
+    from pipeline.cache.names import local_only
+
+    return None if out is None else local_only(out, "--out (the run folder)")
+
+
 def kv_table(title: str, rows: list[tuple[str, Any]]) -> Table:
     """Two columns, key and value, printed as they are (a path like data[1]/x keeps its brackets)."""
     table = Table(title=escape(title), show_header=False, title_justify="left")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -80,8 +79,11 @@ def ablate_cmd(
     """Train and evaluate a grid of heads (label sets x heads x features x seeds) and table it.
 
     Any train-head training option (--iterations, --epochs, --lr, --batch-size, --no-flip, ...) applies
-    to every cell. Writes ablations/NAME/: a run folder per cell, results.csv/json, table.md, table.png."""
+    to every cell. Writes ablations/NAME/: a run folder per cell, results.csv/json, table.md, table.png.
+    Under torchrun the cells are shared out over the processes (each cell trains on one) and rank 0
+    writes the tables."""
     from pipeline.config import AblateConfig, TrainConfig, label_source
+    from pipeline.distributed import Ranks
     from pipeline.errors import ConfigError
     from pipeline.training.ablate import run_ablation
 
@@ -91,8 +93,16 @@ def ablate_cmd(
     train = TrainConfig(**train_overrides(list(ctx.args)))
     cfg = AblateConfig(name=name, labels=_names(labels), heads=_names(heads), features=_names(features or ""), seeds=seeds,
                        rows=rows, cols=cols, protocol=protocol, train=train)  # fmt: skip
-    with progress_bar("it/s") as bar:
-        grid = run_ablation(cfg, ws, gt=label_source(gt, ws), progress=stage_bars(bar))
+    gt_source = label_source(gt, ws)
+    ranks = Ranks.from_environment()
+    try:
+        if not ranks.is_main:  # the other ranks train their cells quietly
+            run_ablation(cfg, ws, gt=gt_source, ranks=ranks)
+            return
+        with progress_bar("it/s") as bar:
+            grid = run_ablation(cfg, ws, gt=gt_source, progress=stage_bars(bar), ranks=ranks)
+    finally:
+        ranks.close()
     console.print(grid.table, markup=False)
     for failure in grid.failed:
         err_console.print(Text(f"cell {failure['cell']} failed: {failure['error']}", style="yellow"))
@@ -108,7 +118,7 @@ def score_labels_cmd(
     name: Annotated[str, typer.Argument(help="Label source or label set name (e.g. eps, scribble, cam).")],
     gt: Annotated[str, typer.Option(help="Ground truth: a label source name or a mask folder.")] = "gt",
     store_path: Annotated[
-        Path | None, typer.Option("--store", help="Feature store the set belongs to. Default: the workspace's train split.")
+        str | None, typer.Option("--store", help="Feature store the set belongs to. Default: the workspace's train split.")
     ] = None,
     features: FeaturesOpt = None,
     config: ConfigOpt = None,

@@ -56,7 +56,7 @@ def evaluate_cmd(
     runs: Annotated[list[Path], typer.Argument(help="One or more train-head run folders.")],
     protocol: ProtocolOpt = ProtocolName.cache,
     store_path: Annotated[
-        Path | None,
+        str | None,
         typer.Option("--store", help="cache: validation feature store. Default: the split next to the run's training store."),
     ] = None,
     gt: Annotated[str, typer.Option(help="Ground truth: a label source name from ssvt.toml or a mask folder.")] = "gt",
@@ -112,7 +112,7 @@ def predict_cmd(
         str | None, typer.Option(help="A split of the workspace dataset (or of the VOC root given as --data).")
     ] = None,
     protocol: ProtocolOpt = ProtocolName.lin,
-    store_path: Annotated[Path | None, typer.Option("--store", help="cache: the feature store to predict from.")] = None,
+    store_path: Annotated[str | None, typer.Option("--store", help="cache: the feature store to predict from.")] = None,
     overlay: Annotated[bool, typer.Option(help="Also write overlay/<id>.png: the image in class colours with a legend.")] = False,
     probs: Annotated[
         bool, typer.Option(help="Also write probs/<id>.npz: class probabilities at the original size as uint8 (p = v/255).")
@@ -138,7 +138,7 @@ def predict_cmd(
     items = None
     if protocol is ProtocolName.cache:
         if store_path is None and split is not None:
-            store_path = sibling_store(load_run(run)[1]["store"]["path"], split)
+            store_path = str(sibling_store(load_run(run)[1]["store"]["path"], split))
     elif data is not None:
         items = find_images(data, split)
     elif split is not None:

@@ -6,7 +6,6 @@ Usage: ``ssvt finetune --labels seam --backbone-lr 1e-5 --layer-decay 0.9``.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -21,6 +20,7 @@ from pipeline.cli._common import (
     errors_as_one_line,
     kv_table,
     progress_bar,
+    run_folder,
     stage_bars,
 )
 from pipeline.cli.stage_two import Schedule, _print_eval
@@ -37,18 +37,18 @@ def finetune_cmd(
         str | None, typer.Option(help=f"Kind of a label source given as a path: {', '.join(LABEL_KINDS)}.")
     ] = None,
     store_path: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--store", help="Training store: its canvas, blocks, backbone and label sets are used. Default: the workspace's."
         ),
     ] = None,
     val_store_path: Annotated[
-        Path | None,
+        str | None,
         typer.Option("--val-store", help="Validation store (its images run online). Default: the val split beside --store."),
     ] = None,
     gt: Annotated[str, typer.Option(help="Ground truth for the final evaluation: a label source name or a mask folder.")] = "gt",
     features: FeaturesOpt = None,
-    out: Annotated[Path | None, typer.Option(help="Run folder. Default: <runs>/<labels>-<head>-finetune[-n].")] = None,
+    out: Annotated[str | None, typer.Option(help="Run folder (local). Default: <runs>/<labels>-<head>-finetune[-n].")] = None,
     epochs: Annotated[int | None, typer.Option(help="Passes over the labelled images; alternative to --iterations.")] = None,
     iterations: Annotated[int | None, typer.Option(help="Optimiser steps. Default: 40,000, unless --epochs is given.")] = None,
     min_steps: Annotated[int, typer.Option(help="With --epochs: train at least this many steps.")] = 300,
@@ -97,9 +97,11 @@ def finetune_cmd(
     ws = Workspace.find(config)
     source = resolve_labels(labels, ws, kind=label_kind, store_path=store_path, features=features)
     gt_source = optional_label_source(gt, ws)
+    run_dir = run_folder(out)
     with progress_bar("step/s") as bar:
-        outcome = finetune_and_evaluate(cfg, ft, source, ws, store_path=store_path, val_store_path=val_store_path, gt=gt_source,
-                                        features=features, out=out, strict=strict, progress=stage_bars(bar, "loss "))  # fmt: skip
+        outcome = finetune_and_evaluate(cfg, ft, source, ws, store_path=store_path, val_store_path=val_store_path,
+                                        gt=gt_source, features=features, out=run_dir, strict=strict,
+                                        progress=stage_bars(bar, "loss "))  # fmt: skip
     console.print(kv_table("finetune", [
         ("run", outcome.run_dir), ("labels", outcome.labels), ("images", outcome.train.images),
         ("steps / epochs", f"{outcome.train.steps:,} / {outcome.train.epochs}"),

@@ -35,7 +35,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 @errors_as_one_line
 def kmeans_viz_cmd(
     store_path: Annotated[
-        Path | None, typer.Option("--store", help="Feature store. Default: the workspace's validation split in the cache.")
+        str | None, typer.Option("--store", help="Feature store. Default: the workspace's validation split in the cache.")
     ] = None,
     features: FeaturesOpt = None,
     k: Annotated[str, typer.Option("--k", help="Cluster counts, comma-separated (one column each).")] = "2,4,6",
@@ -67,7 +67,7 @@ def kmeans_viz_cmd(
     if store_path is None:
         if ws is None:
             raise ConfigError("no store: pass --store PATH.zarr or run where an ssvt.toml is")
-        store_path = ws.layout.find_store(ws.val_split or ws.train_split, features)
+        store_path = str(ws.layout.find_store(ws.val_split or ws.train_split, features))
     gt_source = optional_label_source(gt, ws)
     cfg = KMeansVizConfig(ks=_int_list(k), ids=tuple(i.strip() for i in ids.split(",")) if ids else None, n=n, seed=seed,
                           joint=joint, normalize=normalize, pca=pca, num_classes=ws.num_classes if ws else 21)  # fmt: skip

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
@@ -24,6 +25,10 @@ from pipeline.cli._common import (
 from pipeline.config import WORKSPACE_FILE, ExtractConfig, Workspace
 from pipeline.errors import ConfigError
 from pipeline.templates import INIT_TEMPLATE
+
+if TYPE_CHECKING:
+    from pipeline.cache.names import Location
+    from pipeline.distributed import Ranks
 
 # ---------------------------------------------------------------- workspace and toy data
 
@@ -82,7 +87,8 @@ def extract_cmd(
         typer.Option(help="Split(s) to extract (VOC ImageSets/Segmentation/<split>.txt). Default: the workspace's splits."),
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Store path (one split). Default: <cache>/<model>-<size>-<layers>/<split>.zarr.")
+        str | None,
+        typer.Option(help="Store path or URL (one split). Default: <cache>/<model>-<size>-<layers>/<split>.zarr."),
     ] = None,
     size: Annotated[
         int,
@@ -113,11 +119,26 @@ def extract_cmd(
     images_per_shard: Annotated[int | None, typer.Option(help="Images per zarr shard (default: about 128 MB per shard).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store made with other settings.")] = False,
     strict: Annotated[bool, typer.Option(help="Stop at the first unreadable image instead of reporting it at the end.")] = False,
+    part: Annotated[
+        str | None,
+        typer.Option(
+            metavar="I/N",
+            help="Write only part I of N (1-based, e.g. 2/4), for job arrays and machines started by hand without "
+            "torchrun: part I takes the missing shards whose number k has k mod N = I-1, so parts never write the same "
+            "shard, whenever each starts. Every part runs the same command and may create the store; a plain "
+            "`ssvt extract` afterwards finishes what is left. With SLURM: --part $((SLURM_ARRAY_TASK_ID+1))/"
+            "$SLURM_ARRAY_TASK_COUNT for --array=0-(N-1). Not with --overwrite (a part would delete the others' "
+            "shards); under torchrun leave it out: the ranks share the work.",
+        ),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Run a frozen DINOv2 once over a dataset and cache its patch tokens in a sharded zarr store.
 
-    Rerunning the same command after a crash finishes the missing shards only."""
+    Rerunning the same command after a crash finishes the missing shards only. Under
+    `torchrun --nproc_per_node=N -m pipeline.cli extract ...` the N processes share the shards (one GPU
+    each); the store is the same, byte for byte."""
+    from pipeline.distributed import Ranks
     from pipeline.features.extract import extract, load_backbone, plan_extract
 
     cfg = ExtractConfig(
@@ -126,16 +147,32 @@ def extract_cmd(
         images_per_shard=images_per_shard, strict=strict,
     )  # fmt: skip
     targets = plan_extract(cfg, Workspace.find(config), data=data, splits=split, out=out)
-    with console.status(Text(f"loading {model} and hashing its weights")):
-        backbone = load_backbone(cfg)  # once for every split
-    for split_name, items, store_path in targets:
-        with progress_bar() as bar:
-            task = bar.add_task(f"extract {split_name}", total=None)
-            summary = extract(
-                items, store_path, cfg, overwrite=overwrite, backbone=backbone,
-                progress=functools.partial(_update_task, bar, task),
-            )  # fmt: skip
-        _print_extract_summary(split_name, summary)
+    ranks = Ranks.from_options(part)
+    try:
+        loading = console.status(Text(f"loading {model} and hashing its weights"))
+        with loading if ranks.reports else contextlib.nullcontext():
+            backbone = load_backbone(cfg)  # once for every split
+        for split_name, items, store_path in targets:
+            if not ranks.reports:  # other ranks of a group print nothing but errors
+                extract(items, store_path, cfg, overwrite=overwrite, backbone=backbone, ranks=ranks)
+                continue
+            with progress_bar() as bar:
+                task = bar.add_task(f"extract {split_name}{_who(ranks)}", total=None)
+                summary = extract(
+                    items, store_path, cfg, overwrite=overwrite, backbone=backbone, ranks=ranks,
+                    progress=functools.partial(_update_task, bar, task),
+                )  # fmt: skip
+            _print_extract_summary(split_name, summary)
+    finally:
+        ranks.close()
+
+
+def _who(ranks: Ranks) -> str:
+    """What the progress bar adds after the split: `` (2 processes)`` under torchrun, `` (part 2/4)`` for
+    a part of a job array, nothing for a single process."""
+    if ranks.group:
+        return f" ({ranks.world} processes)"
+    return f" ({ranks.label})" if ranks.label else ""
 
 
 def _print_extract_summary(split: str, s: Any) -> None:
@@ -145,6 +182,11 @@ def _print_extract_summary(split: str, s: Any) -> None:
         ("unreadable images", len(s.failed)), ("device", s.device), ("weights", s.weights_source),
         ("time", f"{s.seconds:.1f} s"), ("throughput", f"{s.images_per_s:.1f} img/s"),
     ]  # fmt: skip
+    if s.processes > 1:
+        rows.insert(-2, ("processes", s.processes))
+    if s.shards_missing:
+        left = f"{s.shards_missing} (the other parts write them; a plain `ssvt extract` finishes them)"
+        rows.insert(4, ("shards still missing", left))
     console.print(kv_table(f"extract {split}", rows))
     for path, error in s.failed:
         err_console.print(Text(f"unreadable: {path}: {error}", style="yellow"))
@@ -152,8 +194,9 @@ def _print_extract_summary(split: str, s: Any) -> None:
 
 @app.command()
 @errors_as_one_line
-def info(store_path: Annotated[Path, typer.Argument(metavar="STORE", help="A feature store (.zarr folder).")]) -> None:
+def info(store_path: Annotated[str, typer.Argument(metavar="STORE", help="A feature store (.zarr folder or URL).")]) -> None:
     """Describe a feature store: model, grid, views, images, completeness, size on disk, label sets."""
+    from pipeline.cache.names import location
     from pipeline.cache.store import FeatureStore
 
     store = FeatureStore.open(store_path)
@@ -174,10 +217,10 @@ def info(store_path: Annotated[Path, typer.Argument(metavar="STORE", help="A fea
     ]  # fmt: skip
     console.print(kv_table(str(store_path), rows))
     if i["label_sets"]:
-        _print_label_sets([Path(ls["path"]) for ls in i["label_sets"]])
+        _print_label_sets([location(ls["path"]) for ls in i["label_sets"]])  # a URL stays a URL
 
 
-def _print_label_sets(paths: list[Path]) -> None:
+def _print_label_sets(paths: list[Location]) -> None:
     from pipeline.cache.labels import LabelSet
     from pipeline.cache.voc import CLASS_NAMES
 

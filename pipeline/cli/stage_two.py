@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,6 +22,7 @@ from pipeline.cli._common import (
     errors_as_one_line,
     kv_table,
     progress_bar,
+    run_folder,
     stage_bars,
 )  # fmt: skip
 from pipeline.config import Workspace
@@ -48,15 +50,15 @@ def train_head_cmd(
         typer.Option(help=f"Kind of a label source given as a path, one of {', '.join(LABEL_KINDS)}. {kinds_help()}."),
     ] = None,
     store_path: Annotated[
-        Path | None, typer.Option("--store", help="Training feature store. Default: the workspace's train split in the cache.")
+        str | None, typer.Option("--store", help="Training feature store. Default: the workspace's train split in the cache.")
     ] = None,
     val_store_path: Annotated[
-        Path | None,
+        str | None,
         typer.Option("--val-store", help="Validation store, evaluated at the end. Default: the val split beside --store."),
     ] = None,
     gt: Annotated[str, typer.Option(help="Ground truth for the final evaluation: a label source name or a mask folder.")] = "gt",
     features: FeaturesOpt = None,
-    out: Annotated[Path | None, typer.Option(help="Run folder. Default: <runs>/<labels>-<head>[-n].")] = None,
+    out: Annotated[str | None, typer.Option(help="Run folder (local). Default: <runs>/<labels>-<head>[-n].")] = None,
     epochs: Annotated[int | None, typer.Option(help="Passes over the labelled images; alternative to --iterations.")] = None,
     iterations: Annotated[
         int | None, typer.Option(help="Optimiser steps. Default: 40,000 as the official config, unless --epochs is given.")
@@ -91,8 +93,11 @@ def train_head_cmd(
     """Train a light head on cached features with (imperfect) labels, then evaluate it.
 
     The validation split is evaluated when it is cached. Writes a run folder (weights, config,
-    metrics.csv per step, metrics, curve, confusion matrix, log)."""
+    metrics.csv per step, metrics, curve, confusion matrix, log). Under torchrun the head trains
+    data-parallel, each process reading its own shards; the global batch (--batch-size) is split
+    evenly over the processes and rank 0 writes the run folder."""
     from pipeline.config import TrainConfig, optional_label_source
+    from pipeline.distributed import Ranks
     from pipeline.training.runs import resolve_labels, train_and_evaluate
 
     cfg = TrainConfig(
@@ -104,9 +109,17 @@ def train_head_cmd(
     ws = Workspace.find(config)
     source = resolve_labels(labels, ws, kind=label_kind, store_path=store_path, features=features)
     gt_source = optional_label_source(gt, ws)
-    with progress_bar("step/s") as bar:
-        outcome = train_and_evaluate(cfg, source, ws, store_path=store_path, val_store_path=val_store_path, gt=gt_source,
-                                     features=features, out=out, strict=strict, progress=stage_bars(bar, "loss "))  # fmt: skip
+    ranks = Ranks.from_environment()
+    train = functools.partial(train_and_evaluate, cfg, source, ws, store_path=store_path, val_store_path=val_store_path,
+                              gt=gt_source, features=features, out=run_folder(out), strict=strict, ranks=ranks)  # fmt: skip
+    try:
+        if not ranks.is_main:  # the other ranks train quietly
+            train()
+            return
+        with progress_bar("step/s") as bar:
+            outcome = train(progress=stage_bars(bar, "loss "))
+    finally:
+        ranks.close()
     _print_run(outcome)
     if tensorboard:
         from pipeline.cache.names import RunFiles
@@ -148,7 +161,7 @@ def pseudo_masks_cmd(
         str, typer.Option(help="Name of the label set to write; then `ssvt train-head --labels NAME`.")
     ] = "cam",
     store_path: Annotated[
-        Path | None, typer.Option("--store", help="Training feature store. Default: the workspace's train split in the cache.")
+        str | None, typer.Option("--store", help="Training feature store. Default: the workspace's train split in the cache.")
     ] = None,
     features: FeaturesOpt = None,
     gt: Annotated[

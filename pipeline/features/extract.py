@@ -10,6 +10,16 @@ Decoding and resizing run in DataLoader workers, inference under ``torch.inferen
 autocast on CUDA, fp32 on CPU), and finished shards are written by a background thread, so the
 model never waits for the disk. A rerun after a crash finishes the missing shards only; batches
 never straddle shards, so a resumed store is identical to an uninterrupted one.
+
+Several processes can fill one store (``ranks``, pipeline.distributed). Under ``torchrun``
+(``Ranks.from_environment()``) rank 0 resumes or creates the store while the others wait, each rank
+writes the whole shards dealt to it, rank 0 reports the progress of all, and every rank returns the
+summary of all. Parts of a job array (``Ranks.from_part("2/4")``, no process group) take the missing
+shards whose number is theirs and race to create the store (the loser resumes it); a plain run
+afterwards finishes whatever is left. A shard is computed the same way by whoever computes it, so
+the store is byte-identical to one written by a single process::
+
+    extract(items, "cache/m-448-last/val.zarr", cfg, ranks=Ranks.from_environment())
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,25 +38,29 @@ import torch
 
 from pipeline import __version__
 from pipeline.cache.geometry import check_size
-from pipeline.cache.names import CacheLayout, ImageStatus, StoreIdentity, cache_name, legacy_cache_name
+from pipeline.cache.names import CacheLayout, ImageStatus, Location, StoreIdentity, StorePath, cache_name, legacy_cache_name
 from pipeline.cache.store import FeatureStore, default_images_per_shard
 from pipeline.config import WORKSPACE_FILE, ExtractConfig, Workspace
 from pipeline.devices import OomBackoff, autocast, pick_device, pin_memory
-from pipeline.errors import ConfigError, DataError, StoreMismatchError
+from pipeline.distributed import Ranks
+from pipeline.errors import ConfigError, DataError, StoreError, StoreMismatchError
 from pipeline.features.backbones import Backbone, build_backbone, get_spec, resolve_layers, resolve_weights
 from pipeline.features.data import CanvasDataset, ImageItem, find_images
+from pipeline.features.sharing import Progress, RunProgress, shared_store
 
 log = logging.getLogger(__name__)
-
-#: Called with (images done so far, images to do in this run).
-Progress = Callable[[int, int], None]
 
 
 @dataclass
 class ExtractSummary:
-    """What one ``extract`` call did."""
+    """What one ``extract`` call did: in this process, or in all ranks of a group (:meth:`combine`).
 
-    store_path: Path
+    ``shards_skipped``: shards already done when the call began; ``shards_missing``: shards not done
+    when it returned (those of the other parts of a job array, or 0); ``seconds``: the extraction
+    loop of the slowest process; ``processes``: how many shared the work.
+    """
+
+    store_path: StorePath
     n_images: int
     device: str
     weights_source: str
@@ -55,10 +69,24 @@ class ExtractSummary:
     images_done: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, error)
     seconds: float = 0.0
+    processes: int = 1
+    shards_missing: int = 0
 
     @property
     def images_per_s(self) -> float:
         return self.images_done / self.seconds if self.seconds > 0 else 0.0
+
+    @classmethod
+    def combine(cls, parts: list[ExtractSummary]) -> ExtractSummary:
+        """The summary of a run that ``parts`` (one per rank, rank 0 first) shared: counts and failures
+        added up, the time of the slowest rank, the shards already done as rank 0 found them."""
+        first = parts[0]
+        return cls(
+            first.store_path, first.n_images, ", ".join(dict.fromkeys(p.device for p in parts)), first.weights_source,
+            shards_written=sum(p.shards_written for p in parts), shards_skipped=first.shards_skipped,
+            images_done=sum(p.images_done for p in parts), failed=[f for p in parts for f in p.failed],
+            seconds=max(p.seconds for p in parts), processes=len(parts),
+        )  # fmt: skip
 
 
 def plan_extract(
@@ -67,8 +95,8 @@ def plan_extract(
     *,
     data: Path | None = None,
     splits: list[str] | None = None,
-    out: Path | None = None,
-) -> list[tuple[str, list[ImageItem], Path]]:
+    out: StorePath | None = None,
+) -> list[tuple[str, list[ImageItem], StorePath]]:
     """(name, images, store path) for each store to write: ``data`` or the workspace's dataset, each
     of ``splits`` (default: the workspace's), into ``out`` or :func:`store_path`."""
     resolved_patch(cfg)
@@ -81,7 +109,7 @@ def plan_extract(
         raise ConfigError(f"--out names one store but {len(names)} splits are selected; add --split")
     if out is None and ws is None:
         raise ConfigError("no workspace to name the store after: pass --out STORE.zarr")
-    targets = []
+    targets: list[tuple[str, list[ImageItem], StorePath]] = []
     for name in names:
         label = name or Path(root).stem
         path = out if out is not None else store_path(cfg, ws.layout, label)  # type: ignore[union-attr]
@@ -103,7 +131,7 @@ def resolved_patch(cfg: ExtractConfig) -> int:
     return patch
 
 
-def store_path(cfg: ExtractConfig, layout: CacheLayout, split: str) -> Path:
+def store_path(cfg: ExtractConfig, layout: CacheLayout, split: str) -> Location:
     """Where ``cfg``'s store of ``split`` goes: ``<cache>/<model>-<size>-<layers>/<split>.zarr``, named
     from the resolved layers (so ``last4`` and ``20,21,22,23`` share one cache on ViT-L); a store
     written by ssvt 0.1 under the layers as typed is still found."""
@@ -148,32 +176,47 @@ def differences(store: FeatureStore, wanted: StoreIdentity, ids: list[str], imag
     return diffs
 
 
-def open_or_create(path: Path, items: list[ImageItem], cfg: ExtractConfig, backbone: Backbone, overwrite: bool) -> FeatureStore:
-    """Resume a store made with the same settings, refuse one made with others, or create one."""
+def open_or_create(
+    path: StorePath, items: list[ImageItem], cfg: ExtractConfig, backbone: Backbone, overwrite: bool
+) -> FeatureStore:
+    """Resume a store made with the same settings, refuse one made with others, or create one.
+
+    Processes that start together (parts of a job array) may all find no store and try to create it:
+    one rename wins, and the others resume the store it made, checked like any other."""
     layers = resolve_layers(cfg.layers, backbone.depth)
     check_size(cfg.size, backbone.patch_size, cfg.model)
     grid = (cfg.size // backbone.patch_size, cfg.size // backbone.patch_size)
     channels = backbone.hidden_size * len(layers)
     attrs = store_attrs(cfg, backbone, layers)
     ids = [item.id for item in items]
+    wanted = StoreIdentity.from_attrs({**attrs, "views": cfg.views, "grid": grid, "channels": channels})
     if FeatureStore.exists(path):
-        if overwrite:
-            FeatureStore.remove(path)
-        else:
-            store = FeatureStore.open(path, mode="r+")
-            wanted = StoreIdentity.from_attrs({**attrs, "views": cfg.views, "grid": grid, "channels": channels})
-            diffs = differences(store, wanted, ids, cfg.images_per_shard)
-            if diffs:
-                raise StoreMismatchError(
-                    f"{path} was made with other settings ({'; '.join(diffs)}); "
-                    "pass --overwrite to replace it or --out to write elsewhere"
-                )
-            return store
+        if not overwrite:
+            return _resume(path, wanted, ids, cfg.images_per_shard)
+        FeatureStore.remove(path)
     per_shard = cfg.images_per_shard or default_images_per_shard(grid, channels, len(cfg.views))
-    return FeatureStore.create(
-        path, ids=ids, views=list(cfg.views), grid=grid, channels=channels, attrs=attrs,
-        images_per_shard=min(per_shard, max(1, len(ids))), sources=[str(item.path) for item in items],
-    )  # fmt: skip
+    try:
+        return FeatureStore.create(
+            path, ids=ids, views=list(cfg.views), grid=grid, channels=channels, attrs=attrs,
+            images_per_shard=min(per_shard, max(1, len(ids))), sources=[str(item.path) for item in items],
+        )  # fmt: skip
+    except StoreError:
+        if not FeatureStore.exists(path):  # a failure of its own, not a store created meanwhile
+            raise
+    log.info("%s was created by another process meanwhile: resuming it", path)
+    return _resume(path, wanted, ids, cfg.images_per_shard)
+
+
+def _resume(path: StorePath, wanted: StoreIdentity, ids: list[str], images_per_shard: int | None) -> FeatureStore:
+    """The store at ``path`` open for writing, if it holds what this run would write."""
+    store = FeatureStore.open(path, mode="r+")
+    diffs = differences(store, wanted, ids, images_per_shard)
+    if diffs:
+        raise StoreMismatchError(
+            f"{path} was made with other settings ({'; '.join(diffs)}); "
+            "pass --overwrite to replace it or --out to write elsewhere"
+        )
+    return store
 
 
 class ShardWriter:
@@ -262,46 +305,88 @@ class Forward:
 
 def extract(
     items: list[ImageItem],
-    out: str | Path,
+    out: StorePath,
     cfg: ExtractConfig,
     *,
     overwrite: bool = False,
     progress: Progress | None = None,
     backbone: Backbone | None = None,
+    ranks: Ranks | None = None,
 ) -> ExtractSummary:
-    """Write (or finish) the feature store at ``out`` for ``items``. See the module docstring."""
+    """Write (or finish) the feature store at ``out`` for ``items``. See the module docstring.
+
+    ``ranks`` shares the work among processes (default: this one alone). Under a process group every
+    rank calls this with the same arguments and gets the summary of all ranks; ``progress`` is
+    called on rank 0 only, with the images of all ranks. A part of a job array reports and returns
+    its own share, and ``shards_missing`` counts the shards left to the other parts.
+    """
     if not items:
         raise DataError("no images to extract")
-    out = Path(out)
-    device = pick_device(cfg.device)
+    ranks = ranks if ranks is not None else Ranks.single()
+    if overwrite and ranks.world > 1 and not ranks.group:
+        raise ConfigError(
+            f"--overwrite with --part {ranks.rank + 1}/{ranks.world} could delete what the other parts wrote: "
+            "remove the store first, or overwrite it in a run without --part"
+        )
+    device = pick_device(ranks.device(cfg.device))
     backbone = backbone if backbone is not None else load_backbone(cfg)
-    store = open_or_create(out, items, cfg, backbone, overwrite)
-    layers = tuple(store.layers)
-    summary = ExtractSummary(out, len(items), str(device), backbone.weights_source)
-    missing = store.missing_shards()
-    summary.shards_skipped = store.n_shards - len(missing)
-    batches = shard_batches(store, missing, cfg.batch_size)
-    total = sum(len(b) for b in batches)
-    if progress:
-        progress(0, total)
-    forward = Forward(backbone, layers, device, cfg.flip, cfg.batch_size)
+    store = shared_store(out, lambda: open_or_create(out, items, cfg, backbone, overwrite), ranks)
+    missing = store.missing_shards()  # under a group, rank 0's list is the one dealt
+    mine = ranks.deal_shards(missing)
+    log.info("%s: %d of %d shards missing, %d of them here", ranks.label or "extract", len(missing), store.n_shards, len(mine))
+    summary = ExtractSummary(out, len(items), str(device), backbone.weights_source, shards_skipped=store.n_shards - len(missing))
+    tally = None
+    if progress is not None and ranks.reports:
+        tally = RunProgress(store, missing if ranks.group else mine, mine, summary, progress, poll=ranks.group)
+    error = None
+    try:
+        _extract_shards(items, store, mine, cfg, backbone, device, summary, tally)
+    except Exception as exc:
+        if not ranks.group:
+            raise
+        error = exc  # raised at the final sync point, where the other ranks learn of it too
+    try:
+        ranks.check(error, f"extracting {out}")
+        total = ExtractSummary.combine(ranks.gather(summary))
+    finally:
+        if tally is not None:
+            tally.stop()
+    total.shards_missing = len(store.missing_shards())
+    if tally is not None:
+        tally.report(total.images_done)  # all ranks' images, now that every rank has finished
+    return total
+
+
+def _extract_shards(
+    items: list[ImageItem],
+    store: FeatureStore,
+    shards: list[int],
+    cfg: ExtractConfig,
+    backbone: Backbone,
+    device: torch.device,
+    summary: ExtractSummary,
+    tally: RunProgress | None,
+) -> None:
+    """Compute and write the whole ``shards`` of ``store``, counting into ``summary``."""
+    if not shards:
+        return
+    forward = Forward(backbone, tuple(store.layers), device, cfg.flip, cfg.batch_size)
     dataset = CanvasDataset(items, cfg.size, backbone.mean, backbone.std)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=cfg.workers, pin_memory=pin_memory(device),
-        prefetch_factor=4 if cfg.workers else None,
+        dataset, batch_sampler=shard_batches(store, shards, cfg.batch_size), num_workers=cfg.workers,
+        pin_memory=pin_memory(device), prefetch_factor=4 if cfg.workers else None,
     )  # fmt: skip
     writer = ShardWriter(store)
     began = time.perf_counter()
     try:
         for buffer in _fill_shards(loader, store, forward, summary, cfg.strict):
             writer.submit(buffer.shard, buffer.tokens, buffer.cls, buffer.geometry, buffer.status)
-            if progress:
-                progress(summary.images_done, total)
+            if tally is not None:
+                tally.report()
     finally:
         writer.close()  # shards finished before an error are kept
-    summary.seconds = time.perf_counter() - began
-    summary.shards_written = writer.written
-    return summary
+        summary.seconds = time.perf_counter() - began
+        summary.shards_written = writer.written
 
 
 def _fill_shards(

@@ -14,10 +14,17 @@ once and every head steps on it, giving the same heads as separate runs
 (:func:`pipeline.training.train.train_heads`). A failing cell is recorded
 in failed.json and the others go on. With ``protocol`` "lin" or "ms" all cells are evaluated together
 afterwards (one backbone pass per backbone). Numbers in the tables are the cells' own metrics files.
+
+Under ``torchrun`` the passes are dealt over the ranks (:func:`deal_passes`; cells, not data-parallel
+heads, are the unit: heads train in minutes). Each cell trains on one rank exactly as it would in one
+process, so the tables are the ones one process writes. Rank 0 checks the grid folder and imports the
+label sets before the others start, and writes failed.json, the protocol evaluation and the tables
+after they finish; each rank writes only its own cells' folders.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import json
@@ -32,11 +39,13 @@ import numpy as np
 
 from pipeline.cache.label_kinds import LabelSource
 from pipeline.cache.labels import LabelSet, ensure_labels
-from pipeline.cache.names import AblationFiles, RunFiles, label_set_path
+from pipeline.cache.names import AblationFiles, Location, RunFiles, label_set_path
 from pipeline.cache.store import FeatureStore
-from pipeline.config import AblateConfig, Workspace
+from pipeline.config import AblateConfig, TrainConfig, Workspace
+from pipeline.distributed import Ranks
 from pipeline.errors import ConfigError, SsvtError
-from pipeline.training.runs import StageProgress, resolve_labels, train_many_and_evaluate
+from pipeline.training.runs import StageProgress, open_label_set, resolve_labels, train_many_and_evaluate
+from pipeline.training.train import HeadJob, fuse_key
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +68,9 @@ class Cell:
     def axis(self, name: str) -> str:
         return {"labels": self.labels, "heads": self.head, "features": self.features, "seeds": str(self.seed)}[name]
 
+    def train_config(self, cfg: AblateConfig) -> TrainConfig:
+        return replace(cfg.train, labels=self.labels, head=self.head, seed=self.seed)
+
 
 @dataclass
 class GridResult:
@@ -69,7 +81,7 @@ class GridResult:
     table: str
 
 
-def plan(cfg: AblateConfig, ws: Workspace) -> tuple[list[Cell], dict[str, Path]]:
+def plan(cfg: AblateConfig, ws: Workspace) -> tuple[list[Cell], dict[str, Location]]:
     """The cells in order, and the training store of each features name."""
     stores = {}
     for name in cfg.features or (None,):
@@ -92,7 +104,9 @@ def _check_grid(files: AblationFiles, cfg: AblateConfig) -> None:
     files.grid.write_text(json.dumps(cfg.to_dict(), indent=2))
 
 
-def _label_sets(cfg: AblateConfig, ws: Workspace, stores: dict[str, Path], progress: StageProgress) -> dict[tuple[str, str], str]:
+def _label_sets(
+    cfg: AblateConfig, ws: Workspace, stores: dict[str, Location], progress: StageProgress
+) -> dict[tuple[str, str], str]:
     """Import every label source once per store. Returns (features, labels) -> the label set to train
     on, or an error message (its cells fail with it)."""
     sets: dict[tuple[str, str], str] = {}
@@ -114,46 +128,149 @@ def _stage(progress: StageProgress, stage: str) -> Callable[[int, int], None]:
     return lambda done, total: progress(stage, done, total, None)
 
 
+@dataclass
+class _Work:
+    """What rank 0 prepares for every rank: the failures known before, the missing cells, the label set
+    of each (features, labels) (or "error: ..."), and each rank's passes (:func:`deal_passes`)."""
+
+    failed: dict[str, str]
+    todo: list[Cell]
+    sets: dict[tuple[str, str], str]
+    shares: list[list[list[Cell]]]
+
+
 def run_ablation(
-    cfg: AblateConfig, ws: Workspace, *, gt: LabelSource | None, progress: StageProgress | None = None
+    cfg: AblateConfig,
+    ws: Workspace,
+    *,
+    gt: LabelSource | None,
+    progress: StageProgress | None = None,
+    ranks: Ranks | None = None,
 ) -> GridResult:
-    """Train and evaluate every missing cell of ``cfg``, then write results and tables (module docstring)."""
-    report = progress or (lambda *_: None)
+    """Train and evaluate every missing cell of ``cfg``, then write results and tables (module docstring).
+
+    With ``ranks`` of a process group (torchrun) the cells are shared out over the ranks and only rank 0
+    reports ``progress``; every rank returns the same result, and an error on one rank stops them all."""
+    ranks = ranks or Ranks.single()
+    if ranks.world > 1 and not ranks.group:
+        raise ConfigError("a grid is shared out over the ranks of torchrun, not over parts of a job array (--part)")
+    report: StageProgress = progress if progress is not None and ranks.is_main else (lambda *_: None)
     cells, stores = plan(cfg, ws)
     files = AblationFiles(ws.layout.ablation_dir(cfg.name))
+    work = ranks.on_main(lambda: _prepare(cfg, ws, cells, stores, files, report, ranks.world), "preparing the grid")
+    mine = {c.name for unit in work.shares[ranks.rank] for c in unit}
+    outcomes: dict[str, str | None] = {}  # cell -> None (trained) or its error; filled as cells finish
+    error: BaseException | None = None
+    try:
+        _train_cells([c for c in work.todo if c.name in mine], work.sets, cfg, ws, stores, files, gt, report, outcomes)
+    except Exception as exc:  # recorded with the others' outcomes, then every rank stops
+        error = exc
+    everyone = ranks.gather(outcomes)
+    trained = ranks.on_main(lambda: _record(files, work, everyone), "recording the failures")
+    ranks.check(error, "training the cells")
+    return ranks.on_main(lambda: _tables(cfg, ws, gt, cells, stores, files, trained), "writing the tables")
+
+
+def _prepare(
+    cfg: AblateConfig, ws: Workspace, cells: list[Cell], stores: dict[str, Location], files: AblationFiles,
+    report: StageProgress, world: int,
+) -> _Work:  # fmt: skip
+    """Check the grid folder, import the label sets and share the missing cells out (rank 0 alone)."""
     _check_grid(files, cfg)
     failed: dict[str, str] = json.loads(files.failures.read_text()) if files.failures.exists() else {}
     todo = [c for c in cells if not RunFiles(files.cell(c.name)).metrics.exists()]
     sets = _label_sets(cfg, ws, stores, report) if todo else {}
-    trained: list[str] = []
-    for feat, path in stores.items():  # cells on one store train in as few passes as their settings allow
-        mine = [c for c in todo if c.features == feat]
+    return _Work(failed, todo, sets, deal_passes(passes(todo, cfg, stores, sets), world))
+
+
+def passes(
+    cells: list[Cell], cfg: AblateConfig, stores: dict[str, Location], sets: dict[tuple[str, str], str]
+) -> list[list[Cell]]:
+    """``cells`` grouped as they train: the cells of one store whose jobs share a
+    :func:`~pipeline.training.train.fuse_key` train in one pass (the run folder plays no part in the
+    key); a cell that cannot train is its own."""
+    groups: dict[tuple[Any, ...], list[Cell]] = {}
+    for feat, path in stores.items():
+        store = FeatureStore.open(path)
+        for cell in (c for c in cells if c.features == feat):
+            key: tuple[Any, ...] = ("alone", cell.name)
+            labels = sets.get((feat, cell.labels), "error: not imported")
+            if not labels.startswith("error: "):
+                with contextlib.suppress(SsvtError):  # the cell fails when it trains, alone
+                    key = fuse_key(store, HeadJob(open_label_set(store, labels), cell.train_config(cfg), Path(cell.name)))
+            groups.setdefault(key, []).append(cell)
+    return list(groups.values())
+
+
+def deal_passes(units: list[list[Cell]], world: int) -> list[list[list[Cell]]]:
+    """Each rank's share of the passes: while there are fewer passes than ranks the largest is split
+    in two (a pass of k heads costs about k heads' training, plus one read of the features), then
+    the largest first, each to the rank with the fewest cells so far. Splitting changes no head
+    (heads in one pass equal separate runs, bit for bit)."""
+    units = sorted(units, key=len, reverse=True)
+    while 0 < len(units) < world and len(units[0]) > 1:
+        big = units.pop(0)
+        units = sorted([*units, big[: (len(big) + 1) // 2], big[(len(big) + 1) // 2 :]], key=len, reverse=True)
+    shares: list[list[list[Cell]]] = [[] for _ in range(world)]
+    loads = [0] * world
+    for unit in units:
+        rank = loads.index(min(loads))
+        shares[rank].append(unit)
+        loads[rank] += len(unit)
+    return shares
+
+
+def _train_cells(
+    cells: list[Cell], sets: dict[tuple[str, str], str], cfg: AblateConfig, ws: Workspace, stores: dict[str, Location],
+    files: AblationFiles, gt: LabelSource | None, report: StageProgress, outcomes: dict[str, str | None],
+) -> None:  # fmt: skip
+    """Train and evaluate ``cells`` (this rank's), store by store, in as few passes as their settings
+    allow; ``outcomes[cell]`` is None for a trained cell, else its error."""
+    for feat, path in stores.items():
         jobs, runnable = [], []
-        for cell in mine:
+        for cell in (c for c in cells if c.features == feat):
             labels = sets[cell.features, cell.labels]
             if labels.startswith("error: "):
-                failed[cell.name] = labels.removeprefix("error: ")
+                outcomes[cell.name] = labels.removeprefix("error: ")
                 continue
-            jobs.append((replace(cfg.train, labels=cell.labels, head=cell.head, seed=cell.seed), labels, files.cell(cell.name)))
+            jobs.append((cell.train_config(cfg), labels, files.cell(cell.name)))
             runnable.append(cell)
-        report("cells", len(trained), len(todo), None)
-        outcomes = train_many_and_evaluate(jobs, ws, store_path=path, gt=gt, progress=report) if jobs else []
-        for cell, outcome in zip(runnable, outcomes, strict=True):
+        report("cells", len(outcomes), len(cells), None)
+        results = train_many_and_evaluate(jobs, ws, store_path=path, gt=gt, progress=report) if jobs else []
+        for cell, outcome in zip(runnable, results, strict=True):
             if isinstance(outcome, SsvtError):
                 shutil.rmtree(files.cell(cell.name), ignore_errors=True)
-                failed[cell.name] = str(outcome)
+                outcomes[cell.name] = str(outcome)
                 log.warning("cell %s failed: %s", cell.name, outcome)
             else:
-                failed.pop(cell.name, None)
-                trained.append(cell.name)
-        files.failures.write_text(json.dumps(failed, indent=2))
-    report("cells", len(todo), len(todo), None)
+                outcomes[cell.name] = None
+    report("cells", len(cells), len(cells), None)
+
+
+def _record(files: AblationFiles, work: _Work, everyone: list[dict[str, str | None]]) -> list[str]:
+    """Merge every rank's outcomes into failed.json; returns the cells trained now, in grid order."""
+    failed = dict(work.failed)
+    merged = {name: outcome for outcomes in everyone for name, outcome in outcomes.items()}
+    for name, outcome in merged.items():
+        if outcome is None:
+            failed.pop(name, None)
+        else:
+            failed[name] = outcome
     files.failures.write_text(json.dumps(failed, indent=2))
+    return [c.name for c in work.todo if c.name in merged and merged[c.name] is None]
+
+
+def _tables(
+    cfg: AblateConfig, ws: Workspace, gt: LabelSource | None, cells: list[Cell], stores: dict[str, Location],
+    files: AblationFiles, trained: list[str],
+) -> GridResult:  # fmt: skip
+    """The protocol evaluation when asked, then results.csv/json, table.md and table.png (rank 0 alone)."""
     if cfg.protocol != "cache" and gt is not None:
         _evaluate_protocol(cfg, files, cells, ws, gt)
     rows = results(files, cells, cfg.protocol)
     quality = _label_quality(cfg, ws, stores, gt) if gt is not None else {}
     table = write_results(files, rows, cfg, quality)
+    failed = json.loads(files.failures.read_text())
     return GridResult(files, rows, [{"cell": k, "error": v} for k, v in failed.items()], trained, table)
 
 
@@ -183,7 +300,7 @@ def results(files: AblationFiles, cells: list[Cell], protocol: str = "cache") ->
     return rows
 
 
-def _label_quality(cfg: AblateConfig, ws: Workspace, stores: dict[str, Path], gt: LabelSource) -> dict[str, float | None]:
+def _label_quality(cfg: AblateConfig, ws: Workspace, stores: dict[str, Location], gt: LabelSource) -> dict[str, float | None]:
     """The mIoU of each dense label set itself against ground truth, on the first store's images."""
     from pipeline.training.label_quality import score_labels
 

@@ -29,7 +29,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pipeline.cache.label_kinds import LabelSource
-from pipeline.cache.names import ImageStatus, RunFiles, StoreIdentity, StrPath, identity_differences, sibling_store
+from pipeline.cache.names import ImageStatus, RunFiles, StoreIdentity, StorePath, StrPath, identity_differences, sibling_store
 from pipeline.cache.store import FeatureStore
 from pipeline.cache.voc import CLASS_NAMES, palette
 from pipeline.devices import pick_device
@@ -181,7 +181,7 @@ def evaluate(
     run_dir: StrPath,
     gt: LabelSource,
     *,
-    store_path: StrPath | None = None,
+    store_path: StorePath | None = None,
     val_split: str = "val",
     flip_tta: bool = False,
     save_predictions: Path | None = None,

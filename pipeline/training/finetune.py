@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from pipeline.cache.geometry import Geometry
 from pipeline.cache.label_kinds import LabelSource
 from pipeline.cache.labels import LabelSet, ensure_labels
-from pipeline.cache.names import CacheLayout, ImageStatus, RunFiles, StrPath, run_stem, sibling_store
+from pipeline.cache.names import CacheLayout, ImageStatus, RunFiles, StorePath, StrPath, run_stem, sibling_store
 from pipeline.cache.store import FeatureStore
 from pipeline.config import ExtractConfig, FinetuneConfig, TrainConfig, Workspace
 from pipeline.devices import autocast, autocast_dtype, pick_device, pin_memory
@@ -267,7 +267,7 @@ def evaluate_finetuned(
     run_dir: StrPath,
     gt: LabelSource,
     *,
-    store_path: StrPath | None = None,
+    store_path: StorePath | None = None,
     val_split: str = "val",
     flip_tta: bool = False,
     save_predictions: Path | None = None,

@@ -8,6 +8,7 @@ same 4-tap formula PyTorch uses; it equals :func:`dense_loss` to float rounding,
     loss = sparse_loss(logits, labels)             # == dense_loss(logits, labels), much cheaper
     px = labelled_pixels(labels[i])                # precompute once per image, then per batch:
     loss = samples_loss(logits, [px_0, px_1, ...], label_size=(S, S))
+    share = loss_share(logits[4:8], labels, slice(4, 8), sparse=True)   # rows 4..7's part of a split batch
 
 With no labelled pixel in the batch every loss here returns a zero that is still attached to the graph
 (PyTorch's own mean over zero pixels would be NaN).
@@ -176,15 +177,29 @@ def subsampled_dense_loss(
     without-replacement draw (a permutation) would cost O(N_i) every step. ``generator`` is a CPU
     generator.
     """
+    picked = subsample_pixels(labels, n_pixels, generator)
+    if picked is None:
+        return _zero(logits)
+    bi, px, weights = picked
+    h_out, w_out = labels.shape[-2:]
+    coords = (bi, px // w_out, px % w_out)
+    flat = labels.reshape(labels.shape[0], -1)
+    return point_sampled_loss(logits, coords, flat[bi, px].long(), (h_out, w_out), weights=weights)
+
+
+def subsample_pixels(
+    labels: torch.Tensor, n_pixels: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The pixels :func:`subsampled_dense_loss` trains on, drawn from ``generator`` image by image:
+    (batch item (N,), flat pixel index (N,) into the (H * W) label map, weight (N,) float64), or None
+    when the batch ``labels`` (B, H, W) has no labelled pixel."""
     if n_pixels <= 0:
         raise ValueError(f"n_pixels must be positive, got {n_pixels}")
-    b, (h_out, w_out) = labels.shape[0], labels.shape[-2:]
-    flat = labels.reshape(b, -1)
-    labelled = flat != IGNORE
+    labelled = labels.reshape(labels.shape[0], -1) != IGNORE
     counts = labelled.sum(dim=1).tolist()
     total = sum(counts)
     if total == 0:
-        return _zero(logits)
+        return None
     batch_idx, pixel, weights = [], [], []
     for i, n_i in enumerate(counts):
         if n_i == 0:
@@ -195,6 +210,47 @@ def subsampled_dense_loss(
         batch_idx.append(torch.full_like(idx, i))
         pixel.append(idx)
         weights.append(torch.full((idx.numel(),), n_i / (idx.numel() * total), dtype=torch.float64))
-    bi, px = torch.cat(batch_idx), torch.cat(pixel)
-    coords = (bi, px // w_out, px % w_out)
-    return point_sampled_loss(logits, coords, flat[bi, px].long(), (h_out, w_out), weights=torch.cat(weights))
+    return torch.cat(batch_idx), torch.cat(pixel), torch.cat(weights)
+
+
+def loss_share(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    rows: slice,
+    *,
+    sparse: bool,
+    pixels: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The part of a batch's loss that rows ``rows`` of it make, for a batch split over processes.
+
+    labels (B, H, W) of the whole batch, 255 = ignore; logits (b, K, h, w) of its rows ``rows`` only.
+    Every pixel keeps the weight it has in the loss of the whole batch: 1 / (labelled pixels of the
+    whole batch), or with ``pixels`` (dense labels) the weights of :func:`subsample_pixels`, drawn for
+    the whole batch so that every process makes the draws one process would. The shares of all rows
+    add up to :func:`dense_loss` (= :func:`sparse_loss`), or :func:`subsampled_dense_loss`, of the
+    whole batch, to float rounding. Labels are checked for the whole batch, so every process fails alike.
+    """
+    size = (labels.shape[-2], labels.shape[-1])
+    flat = labels.reshape(labels.shape[0], -1)
+    labelled = flat != IGNORE
+    _check_targets(flat[labelled], logits.shape[1])
+    total = int(labelled.sum())
+    if total == 0:
+        return _zero(logits)
+    if pixels is not None and not sparse:
+        picked = subsample_pixels(labels, pixels, generator)
+        if picked is None:
+            return _zero(logits)
+        bi, px, weights = picked
+        keep = (bi >= rows.start) & (bi < rows.stop)
+        bi, px, weights = bi[keep], px[keep], weights[keep]
+    elif sparse:
+        bi, px = torch.nonzero(labelled[rows], as_tuple=True)
+        bi = bi + rows.start
+        weights = torch.full((len(bi),), 1.0 / total, dtype=torch.float64)
+    else:  # dense: upsample every logit, as dense_loss does
+        up = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return F.cross_entropy(up, labels[rows].long(), ignore_index=IGNORE, reduction="sum") / total
+    coords = (bi - rows.start, px // size[1], px % size[1])
+    return point_sampled_loss(logits, coords, flat[bi, px].long(), size, weights=weights)

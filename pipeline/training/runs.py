@@ -5,6 +5,7 @@ Usage::
     outcome = train_and_evaluate(TrainConfig(labels="eps"), ws.label_source("eps"), ws, gt=ws.labels["gt"])
     outcome.run_dir, outcome.evaluation.miou      # runs/eps-bn-linear, the val split's mIoU
     train_many_and_evaluate([(cfg_a, "eps", dir_a), (cfg_b, "gt", dir_b)], ws, store_path=train)  # one pass, two heads
+    train_and_evaluate(cfg, source, ws, ranks=Ranks.from_environment())   # under torchrun: one head, data-parallel
 """
 
 from __future__ import annotations
@@ -19,10 +20,22 @@ from typing import Any
 
 from pipeline.cache.label_kinds import LabelSource
 from pipeline.cache.labels import LabelSet, ensure_labels
-from pipeline.cache.names import CacheLayout, RunFiles, StrPath, label_set_path, run_stem, sibling_store
+from pipeline.cache.names import (
+    CacheLayout,
+    Location,
+    RunFiles,
+    StorePath,
+    StrPath,
+    label_set_path,
+    location,
+    run_stem,
+    sibling_store,
+)
 from pipeline.cache.store import FeatureStore
 from pipeline.config import TrainConfig, Workspace, label_source
+from pipeline.distributed import Ranks
 from pipeline.errors import ConfigError, LabelError, SsvtError
+from pipeline.training.data_parallel import check_batch_split
 from pipeline.training.evaluate import EvalResult, evaluate
 from pipeline.training.steplog import summary_writer_class, tensorboard_scalars
 from pipeline.training.train import HeadJob, TrainResult, fuse_key, train_head, train_heads
@@ -61,17 +74,17 @@ def run_log(run_dir: StrPath) -> Iterator[None]:
         handler.close()
 
 
-def training_store_path(ws: Workspace | None, store_path: StrPath | None = None, features: str | None = None) -> Path:
+def training_store_path(ws: Workspace | None, store_path: StorePath | None = None, features: str | None = None) -> Location:
     """``store_path`` when given, else the workspace's training split in its cache (``features``: the folder)."""
     if store_path is not None:
-        return Path(store_path)
+        return location(store_path)
     if ws is None:
         raise ConfigError("no training store: pass --store PATH.zarr or run where an ssvt.toml is")
     return ws.layout.find_store(ws.train_split, features)
 
 
 def resolve_labels(
-    name: str, ws: Workspace | None, *, kind: str | None = None, store_path: StrPath | None = None, features: str | None = None
+    name: str, ws: Workspace | None, *, kind: str | None = None, store_path: StorePath | None = None, features: str | None = None
 ) -> LabelSource | str:
     """What ``--labels NAME`` means: a label source of the workspace or a path (:func:`label_source`), else
     the name of a label set ssvt made itself (``ssvt pseudo-masks``) beside the training store."""
@@ -107,6 +120,7 @@ def train_and_evaluate(
     out: Path | None = None,
     strict: bool = False,
     progress: StageProgress | None = None,
+    ranks: Ranks | None = None,
 ) -> RunOutcome:
     """Import the label set if needed, train the head, and evaluate it when a validation store and
     ground truth exist. Returns what was done; the run folder holds the rest. With ``cfg.tensorboard``
@@ -115,8 +129,16 @@ def train_and_evaluate(
     ``source`` is a label source, or the name of a label set ssvt made beside the training store
     (:func:`resolve_labels`). Settings are checked before anything is read or written: ``cfg`` (head
     name included) when it is built, the label source's kind here, so a bad name never leaves a run
-    folder behind."""
+    folder behind.
+
+    With ``ranks`` of several processes (torchrun) the head trains data-parallel
+    (:func:`~pipeline.training.train.train_heads`): rank 0 imports the label set and names the run
+    folder before the others open them, and alone writes the run folder and evaluates; the other
+    ranks return their outcome without an evaluation."""
     progress = progress or (lambda *_: None)
+    ranks = ranks or Ranks.single()
+    if ranks.world > 1:
+        check_batch_split(cfg.batch_size, ranks.world)
     if cfg.tensorboard:
         summary_writer_class()  # ConfigError when the tensorboard package is missing
     if isinstance(source, LabelSource) and not source.spec.trainable:
@@ -127,30 +149,44 @@ def train_and_evaluate(
     train_path = training_store_path(ws, store_path, features)
     store = FeatureStore.open(train_path)
     num_classes = ws.num_classes if ws else 21
-    if isinstance(source, str):
-        labels = open_label_set(store, source)
-    else:
-        labels = ensure_labels(source, store, num_classes=num_classes, strict=strict,
-                               progress=lambda d, t: progress(f"import {source.name}", d, t, None))  # fmt: skip
-    layout = ws.layout if ws else CacheLayout("cache")
-    run_dir = out or layout.new_run_dir(run_stem(labels.name, cfg.head))
-    with run_log(run_dir):
+    labels, run_dir = _labels_and_run_dir(source, store, cfg, ws, out, strict, num_classes, progress, ranks)
+    with run_log(run_dir) if ranks.is_main else contextlib.nullcontext():
         log.info("training %s head on %s with labels %r (%s, %.2f%% of pixels labelled)", cfg.head, train_path,
                  labels.name, labels.kind, 100 * labels.attrs["labelled_fraction"])  # fmt: skip
         result = train_head(store, labels, cfg, run_dir, num_classes=num_classes, class_names=ws.classes if ws else None,
-                            progress=lambda s, t, loss: progress("train", s, t, loss))  # fmt: skip
-        evaluation = _finish(run_dir, cfg, result, train_path, ws, gt, val_store_path, progress)
+                            progress=lambda s, t, loss: progress("train", s, t, loss), ranks=ranks)  # fmt: skip
+        evaluation = _finish(run_dir, cfg, result, train_path, ws, gt, val_store_path, progress) if ranks.is_main else None
     return RunOutcome(run_dir, labels.name, result, evaluation)
 
 
+def _labels_and_run_dir(
+    source: LabelSource | str, store: FeatureStore, cfg: TrainConfig, ws: Workspace | None, out: Path | None, strict: bool,
+    num_classes: int, progress: StageProgress, ranks: Ranks,
+) -> tuple[LabelSet, Path]:  # fmt: skip
+    """The label set (imported if need be) and the run folder's path, both made by rank 0 alone (the
+    label store is written by one process) before the other ranks open them; a failure stops every rank."""
+
+    def make() -> tuple[str, Path]:
+        if isinstance(source, str):
+            labels = open_label_set(store, source)
+        else:
+            labels = ensure_labels(source, store, num_classes=num_classes, strict=strict,
+                                   progress=lambda d, t: progress(f"import {source.name}", d, t, None))  # fmt: skip
+        layout = ws.layout if ws else CacheLayout("cache")
+        return labels.name, out or layout.new_run_dir(run_stem(labels.name, cfg.head))
+
+    name, run_dir = ranks.on_main(make, "importing the labels")
+    return open_label_set(store, name), run_dir
+
+
 def _finish(
-    run_dir: Path, cfg: TrainConfig, result: TrainResult, train_path: Path, ws: Workspace | None,
-    gt: LabelSource | None, val_store_path: StrPath | None, progress: StageProgress,
+    run_dir: Path, cfg: TrainConfig, result: TrainResult, train_path: Location, ws: Workspace | None,
+    gt: LabelSource | None, val_store_path: StorePath | None, progress: StageProgress,
 ) -> EvalResult | None:  # fmt: skip
     """Log the training, evaluate on the validation store when there is one and ground truth."""
     log.info("trained %d steps over %d images in %.1f s", result.steps, result.images, result.seconds)
     val_path = val_store_path or (sibling_store(train_path, ws.val_split) if ws and ws.val_split else None)
-    if val_path is None or not Path(val_path).exists() or gt is None:
+    if val_path is None or not location(val_path).exists() or gt is None:
         log.info("no validation store or ground truth; not evaluated")
         return None
     evaluation = evaluate(run_dir, gt, store_path=val_path, device=cfg.device,
@@ -166,7 +202,7 @@ def train_many_and_evaluate(
     jobs: Sequence[tuple[TrainConfig, str, Path]],
     ws: Workspace,
     *,
-    store_path: StrPath,
+    store_path: StorePath,
     gt: LabelSource | None = None,
     progress: StageProgress | None = None,
 ) -> list[RunOutcome | SsvtError]:
@@ -201,6 +237,6 @@ def train_many_and_evaluate(
                 continue
         for (i, job), result in zip(members, results, strict=True):
             with run_log(job.run_dir):
-                evaluation = _finish(job.run_dir, job.cfg, result, Path(store_path), ws, gt, None, report)
+                evaluation = _finish(job.run_dir, job.cfg, result, location(store_path), ws, gt, None, report)
             out[i] = RunOutcome(job.run_dir, job.labels.name, result, evaluation)
     return [out[i] for i in range(len(jobs))]

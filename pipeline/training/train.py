@@ -8,6 +8,8 @@ Usage::
 
 The features are loaded once into memory (GPU memory when training on a GPU) when they fit, else
 streamed shard by shard with shard-aligned shuffling; the choice is made here, not by the user.
+Under ``torchrun`` (``ranks`` of several processes) one head trains data-parallel, each rank holding
+only its own shards (:mod:`pipeline.training.data_parallel`); only rank 0 writes the run folder.
 """
 
 from __future__ import annotations
@@ -25,17 +27,22 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.cache.labels import LabelSet
 from pipeline.cache.names import ImageStatus, RunFiles
 from pipeline.cache.store import FeatureStore
 from pipeline.config import TrainConfig
 from pipeline.devices import fits_in_memory, pick_device
+from pipeline.distributed import Ranks
 from pipeline.errors import ConfigError, LabelError
 from pipeline.heads import build_head
 from pipeline.provenance import environment
-from pipeline.training.losses import dense_loss, sparse_loss, subsampled_dense_loss
-from pipeline.training.steplog import StepLog, summary_writer_class
+from pipeline.training.batches import FeatureBatches, Step
+from pipeline.training.data_parallel import BatchPlan, global_batch_norm, held_features, planned_steps, sum_over_ranks
+from pipeline.training.losses import dense_loss, loss_share, sparse_loss, subsampled_dense_loss
+from pipeline.training.steplog import HISTORY_KEYS, StepLog, summary_writer_class
 
 log = logging.getLogger(__name__)
 
@@ -58,81 +65,6 @@ class TrainResult:
     seconds: float
     in_memory: bool
     history: dict[str, list[float]] = field(default_factory=dict)
-
-
-class FeatureBatches:
-    """Batches of (positions into ``indices``, tokens (b, V, h, w, C) float16 on the device).
-
-    Streamed batches on the CPU may be views of the store's reused shard buffer: use each batch
-    before asking for the next (the training loop does).
-    """
-
-    def __init__(self, store: FeatureStore, indices: np.ndarray, batch_size: int, device: torch.device, in_memory: bool):
-        self.store, self.indices, self.batch_size, self.device = store, indices, batch_size, device
-        self.in_memory = in_memory
-        self.tokens: torch.Tensor | None = None
-        if in_memory:
-            self.tokens = self._load_all()
-
-    def _load_all(self, per_read: int = 8) -> torch.Tensor:
-        """All training tokens into one tensor on the device, read a few consecutive images per call
-        into a reused buffer (large single reads are slow: cache_layout.md, "Shard size")."""
-        shape = (len(self.indices), self.store.n_views, *self.store.grid, self.store.channels)
-        out = torch.empty(shape, dtype=torch.float16, device=self.device)
-        buffer = np.empty((per_read, *shape[1:]), dtype=np.float16)
-        pos = 0
-        while pos < len(self.indices):
-            start = int(self.indices[pos])
-            n = 1
-            while n < per_read and pos + n < len(self.indices) and self.indices[pos + n] == start + n:
-                n += 1
-            self.store.read_tokens(start, start + n, out=buffer[:n])
-            out[pos : pos + n] = torch.from_numpy(buffer[:n]).to(self.device)
-            pos += n
-        return out
-
-    def epoch(self, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.tokens is not None:
-            order = torch.randperm(len(self.indices), generator=generator)
-            for i in range(0, len(order), self.batch_size):
-                pos = order[i : i + self.batch_size]
-                yield pos, self.tokens[pos.to(self.device)]
-            return
-        yield from self._stream(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-
-    def _stream(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches in shard-aligned shuffled order; each batch is gathered from the store's reused
-        shard buffer with one copy (a batch may span two shards)."""
-        position = np.full(self.store.n_images, -1, dtype=np.int64)
-        position[self.indices] = np.arange(len(self.indices))
-        pending_pos = np.empty(0, dtype=np.int64)
-        pending: np.ndarray | None = None
-        for idx, tokens in self.store.iter_shards(shuffle_seed=seed):
-            pos = position[idx]
-            rows = np.flatnonzero(pos >= 0)
-            if pending is not None:  # complete the batch left over from the previous shard
-                take = rows[: self.batch_size - len(pending_pos)]
-                rows = rows[len(take) :]
-                pending = np.concatenate([pending, tokens[take]])
-                pending_pos = np.concatenate([pending_pos, pos[take]])
-                if len(pending_pos) < self.batch_size:
-                    continue
-                yield self._to_batch(pending_pos, pending)
-                pending, pending_pos = None, np.empty(0, dtype=np.int64)
-            full = len(rows) - len(rows) % self.batch_size
-            for i in range(0, full, self.batch_size):
-                take = rows[i : i + self.batch_size]
-                if take[-1] - take[0] == len(take) - 1:  # a run of the shuffled shard buffer: no copy
-                    yield self._to_batch(pos[take], tokens[take[0] : take[-1] + 1])
-                else:
-                    yield self._to_batch(pos[take], tokens[take])  # one copy
-            if full < len(rows):
-                pending, pending_pos = tokens[rows[full:]], pos[rows[full:]]  # fancy indexing copies
-        if pending is not None and len(pending_pos):
-            yield self._to_batch(pending_pos, pending)
-
-    def _to_batch(self, pos: np.ndarray, tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.from_numpy(pos), torch.from_numpy(tokens).to(self.device, non_blocking=True)
 
 
 def lr_lambda(
@@ -184,11 +116,15 @@ def train_head(
     num_classes: int,
     class_names: Sequence[str] | None = None,
     progress: TrainProgress | None = None,
+    plan: BatchPlan | None = None,
+    ranks: Ranks | None = None,
 ) -> TrainResult:
     """Train ``cfg.head`` on ``store``'s tokens and ``labels`` and write the run folder (see README):
-    metrics.csv as training goes (and TensorBoard events with ``cfg.tensorboard``), the rest at the end."""
+    metrics.csv as training goes (and TensorBoard events with ``cfg.tensorboard``), the rest at the end.
+    ``plan`` and ``ranks``: data-parallel training and its single-process twin (:func:`train_heads`)."""
     job = HeadJob(labels, cfg, run_dir)
-    return train_heads(store, [job], num_classes=num_classes, class_names=class_names, progress=progress)[0]
+    return train_heads(store, [job], num_classes=num_classes, class_names=class_names, progress=progress, plan=plan,
+                       ranks=ranks)[0]  # fmt: skip
 
 
 #: Offset of the seed of a head's own random stream (the pixels its loss samples) from ``cfg.seed``.
@@ -204,35 +140,72 @@ def fuse_key(store: FeatureStore, job: HeadJob) -> tuple[Any, ...]:
     return (str(store.path), indices.tobytes(), cfg.batch_size, cfg.seed, cfg.flip, steps, cfg.device, cfg.memory)
 
 
-class HeadLearner:
-    """One head with its optimiser, schedule, labels on the device and step log."""
+class _History:
+    """The step log of a rank other than rank 0 in data-parallel training: the history, nothing written."""
 
-    def __init__(self, job: HeadJob, masks: torch.Tensor, channels: int, n_layers: int, num_classes: int, total: int):
+    def __init__(self) -> None:
+        self.history: dict[str, list[float]] = {k: [] for k in HISTORY_KEYS}
+
+    def __enter__(self) -> _History:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def append(self, row: dict[str, float]) -> None:
+        for k, values in self.history.items():
+            values.append(row[k])
+
+
+class HeadLearner:
+    """One head with its optimiser, schedule, labels on the device and step log. With ``ranks`` of
+    several processes the head trains data-parallel: batch norm over the global batch, wrapped in
+    ``DistributedDataParallel``, the step log written by rank 0 only."""
+
+    def __init__(
+        self, job: HeadJob, masks: torch.Tensor, channels: int, n_layers: int, num_classes: int, total: int,
+        ranks: Ranks | None = None,
+    ):  # fmt: skip
         cfg = self.cfg = job.cfg
         self.job, self.masks = job, masks
+        self.world = ranks.world if ranks is not None else 1
         torch.manual_seed(cfg.seed)  # the head's initial weights, as a separate run draws them
-        self.head = build_head(cfg.head, channels, num_classes, n_layers=n_layers).to(masks.device)
+        head = build_head(cfg.head, channels, num_classes, n_layers=n_layers)
+        self.head = (global_batch_norm(head) if self.world > 1 else head).to(masks.device)
+        self.model: nn.Module = self.head
+        if self.world > 1:  # every GlobalBatchNorm keeps equal statistics: no buffers to broadcast
+            ids = [masks.device.index] if masks.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.head, device_ids=ids, broadcast_buffers=False)
         self.optim = torch.optim.AdamW(self.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         factor = lr_lambda(cfg.schedule, total, cfg.warmup_steps(total), cfg.poly_power)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.optim, factor)
-        self.log = StepLog(job.run_dir, tensorboard=cfg.tensorboard)
+        writes = ranks is None or ranks.is_main
+        self.log: StepLog | _History = StepLog(job.run_dir, tensorboard=cfg.tensorboard) if writes else _History()
         # The loss's random pixels come from the head's own stream, so heads sharing a pass do not
         # shift each other's draws (or the shared batch order).
         self.generator = torch.Generator().manual_seed(cfg.seed + LOSS_SEED_OFFSET)
         self.running = float("nan")
         self.head.train()
 
-    def step(self, x: torch.Tensor, pos: torch.Tensor, flipped: torch.Tensor, n_step: int, epoch: int) -> None:
-        """One optimiser step on tokens ``x`` (b, h, w, C) of images ``pos``, some seen mirrored."""
+    def step(
+        self, x: torch.Tensor, pos: torch.Tensor, flipped: torch.Tensor, n_step: int, epoch: int, rows: slice | None = None
+    ) -> None:
+        """One optimiser step on tokens ``x`` (b, h, w, C) of images ``pos``, some seen mirrored (``flipped``).
+        Data-parallel (``rows``): ``pos`` and ``flipped`` are the global batch's, ``x`` its rows ``rows``."""
         target = self.masks[pos.to(self.masks.device)]
         target = torch.where(flipped[:, None, None], target.flip(-1), target)
-        loss = _loss(self.head(x), target, self.job.labels.sparse, self.cfg.pixels_per_image, self.generator)
+        sparse, pixels = self.job.labels.sparse, self.cfg.pixels_per_image
+        if rows is None:
+            loss = scaled = _loss(self.model(x), target, sparse, pixels, self.generator)
+        else:  # DDP averages the ranks' gradients, where the global batch's loss is the sum of their shares
+            loss = loss_share(self.model(x), target, rows, sparse=sparse, pixels=pixels, generator=self.generator)
+            scaled = loss * self.world
         self.optim.zero_grad(set_to_none=True)
-        loss.backward()
+        scaled.backward()
         lr = float(self.sched.get_last_lr()[0])  # the rate this step uses
         self.optim.step()
         self.sched.step()
-        value = float(loss.detach())
+        value = float(loss.detach()) if rows is None else sum_over_ranks(loss.detach())
         self.running = value if math.isnan(self.running) else 0.9 * self.running + 0.1 * value
         self.log.append({"step": n_step, "epoch": epoch, "loss": value, "lr": lr})
 
@@ -244,57 +217,100 @@ def train_heads(
     num_classes: int,
     class_names: Sequence[str] | None = None,
     progress: TrainProgress | None = None,
+    plan: BatchPlan | None = None,
+    ranks: Ranks | None = None,
 ) -> list[TrainResult]:
     """Train several heads in one pass over the features: each batch is read once and every head takes
     a step on it, with its own labels, optimiser and schedule. The jobs must share a :func:`fuse_key`;
     each head is the one :func:`train_head` gives for its job alone, bit for bit. ``seconds`` of each
-    result is the pass's time divided by the number of heads."""
+    result is the pass's time divided by the number of heads.
+
+    ``plan``: train on the global batches of a :class:`~pipeline.training.data_parallel.BatchPlan`
+    instead of shuffled epochs, the features held in memory. In one process each step takes the whole
+    global batch; under a process group of ``plan.world`` ranks (``ranks``, torchrun) each rank takes
+    its own part, holding the tokens of its own shards only, and the heads train data-parallel (batch
+    norm, loss normalisation and random draws those of the global batch), so both give the same heads
+    to float rounding. A group of several ranks without a plan makes one (:meth:`BatchPlan.for_store`).
+    Only rank 0 calls ``progress`` and writes run folders; every rank returns the same results."""
     keys = {fuse_key(store, job) for job in jobs}
     if len(keys) > 1:
         raise ConfigError("these heads cannot share a pass: they differ in images, batch size, seed, flip, steps or device")
     first = jobs[0].cfg
+    ranks = ranks or Ranks.single()
     if any(job.cfg.tensorboard for job in jobs):
         summary_writer_class()  # a missing package fails before the features are loaded
-    device = pick_device(first.device)
+    device = pick_device(ranks.device(first.device))
     indices = training_images(store, jobs[0].labels)
-    nbytes = len(indices) * store.n_views * store.grid[0] * store.grid[1] * store.channels * 2
-    in_memory = first.memory == "ram" or (first.memory == "auto" and fits_in_memory(nbytes, device))
     total = first.total_steps(len(indices))
-    masks: dict[Path, torch.Tensor] = {}  # (n, S, S) uint8 per label set, 255 = ignore; shared by its heads
-    learners = []
+    if ranks.world > 1:
+        if not ranks.group:
+            raise ConfigError("data-parallel training needs the process group torchrun starts, not --part")
+        plan = plan or BatchPlan.for_store(store, indices, first.batch_size, first.seed, ranks.world)
+    if plan is not None:
+        _check_plan(plan, len(indices), first.batch_size, ranks.world)
+    masks: dict[str, torch.Tensor] = {}  # (n, S, S) uint8 per label set, 255 = ignore; shared by its heads
     for job in jobs:
-        if job.labels.path not in masks:
-            masks[job.labels.path] = torch.from_numpy(job.labels.masks(indices)).to(device)
-        learners.append(HeadLearner(job, masks[job.labels.path], store.channels, len(store.layers), num_classes, total))
-    batches = FeatureBatches(store, indices, first.batch_size, device, in_memory)
+        if str(job.labels.path) not in masks:
+            masks[str(job.labels.path)] = torch.from_numpy(job.labels.masks(indices)).to(device)
     generator = torch.Generator().manual_seed(first.seed)
     use_flip = first.flip and store.n_views > 1
+    if plan is None:
+        nbytes = len(indices) * store.n_views * store.grid[0] * store.grid[1] * store.channels * 2
+        in_memory = first.memory == "ram" or (first.memory == "auto" and fits_in_memory(nbytes, device))
+        steps = _epoch_steps(FeatureBatches(store, indices, first.batch_size, device, in_memory), generator, total,
+                             use_flip, device)  # fmt: skip
+    else:
+        in_memory = True
+        held = held_features(store, indices, plan, ranks, device)
+        steps = planned_steps(held, plan, ranks, generator, total, use_flip, device)
+    learners = [HeadLearner(job, masks[str(job.labels.path)], store.channels, len(store.layers), num_classes, total,
+                            ranks if ranks.world > 1 else None) for job in jobs]  # fmt: skip
     began, step, epochs = time.perf_counter(), 0, 0
     with contextlib.ExitStack() as stack:
         for learner in learners:
             stack.enter_context(learner.log)
-        while step < total:
-            epochs += 1
-            for pos, tokens in batches.epoch(generator):
-                if step == total:
-                    break
-                n = len(pos)
-                view = torch.randint(0, 2, (n,), generator=generator) if use_flip else torch.zeros(n, dtype=torch.long)
-                x = tokens[torch.arange(n, device=device), view.to(device)]
-                step += 1
-                for learner in learners:
-                    learner.step(x, pos, (view == 1).to(device), step, epochs)
-                if progress:
-                    progress(step, total, learners[0].running)
+        for epochs, pos, x, flipped, rows in steps:
+            step += 1
+            for learner in learners:
+                learner.step(x, pos, flipped, step, epochs, rows)
+            if progress and ranks.is_main:
+                progress(step, total, learners[0].running)
     seconds = (time.perf_counter() - began) / len(learners)
     results = []
     for learner in learners:
         learner.head.eval()
         result = TrainResult(learner.job.run_dir, step, epochs, len(indices), seconds, in_memory, learner.log.history)
-        write_run(learner.job.run_dir, learner.head, learner.cfg, store, learner.job.labels, num_classes, result,
-                  device=str(device), heads_in_pass=len(learners), class_names=class_names)  # fmt: skip
+        if ranks.is_main:
+            write_run(learner.job.run_dir, learner.head, learner.cfg, store, learner.job.labels, num_classes, result,
+                      device=str(device), heads_in_pass=len(learners), class_names=class_names,
+                      processes=ranks.world)  # fmt: skip
         results.append(result)
     return results
+
+
+def _check_plan(plan: BatchPlan, images: int, batch_size: int, world: int) -> None:
+    if plan.images != images or plan.batch_size != batch_size or world not in (1, plan.world):
+        raise ConfigError(
+            f"the batch plan ({plan.images} images, batch size {plan.batch_size}, {plan.world} ranks) does not fit "
+            f"this training ({images} images, batch size {batch_size}, {world} processes)"
+        )
+
+
+def _epoch_steps(
+    batches: FeatureBatches, generator: torch.Generator, total: int, use_flip: bool, device: torch.device
+) -> Iterator[Step]:
+    """``total`` steps of shuffled epochs (the batches' own order), each batch's views drawn from ``generator``."""
+    step, epochs = 0, 0
+    while step < total:
+        epochs += 1
+        for pos, tokens in batches.epoch(generator):
+            if step == total:
+                break
+            n = len(pos)
+            view = torch.randint(0, 2, (n,), generator=generator) if use_flip else torch.zeros(n, dtype=torch.long)
+            x = tokens[torch.arange(n, device=device), view.to(device)]
+            step += 1
+            yield epochs, pos, x, (view == 1).to(device), None
 
 
 def _loss(
@@ -319,6 +335,7 @@ def write_run(
     device: str | None = None,
     heads_in_pass: int = 1,
     class_names: Sequence[str] | None = None,
+    processes: int = 1,
 ) -> None:
     """head.safetensors, config.json (train + head config, the fingerprints used and the environment:
     command line, versions, ``device``, git commit), history.json, curve.png."""
@@ -336,7 +353,8 @@ def write_run(
                   "size": store.identity.size, "extract_config": store.attrs.get("extract_config")},
         "labels": {"name": labels.name, "kind": labels.kind, "path": str(labels.path), "fingerprint": labels.fingerprint},
         "result": {"steps": result.steps, "epochs": result.epochs, "images": result.images,
-                   "seconds": round(result.seconds, 3), "in_memory": result.in_memory, "heads_in_pass": heads_in_pass},
+                   "seconds": round(result.seconds, 3), "in_memory": result.in_memory, "heads_in_pass": heads_in_pass,
+                   "processes": processes},
         "environment": environment(device),
     }  # fmt: skip
     files.config.write_text(json.dumps(config, indent=2))
