@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from pipeline.config import ExtractConfig, Workspace
+from pipeline.features.data import find_images
+from pipeline.features.extract import extract, store_path
 from pipeline.toy.dataset import ToyDataset, make_toy
 
 
@@ -17,6 +23,29 @@ from pipeline.toy.dataset import ToyDataset, make_toy
 def toy(tmp_path_factory: pytest.TempPathFactory) -> ToyDataset:
     """16 train + 8 val toy images in the VOC layout with every label set. Do not write into it."""
     return make_toy(tmp_path_factory.mktemp("toy"), n_train=16, n_val=8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def toy_with_empty_labels(toy: ToyDataset, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, ExtractConfig], Workspace]:
+    """``make(name, cfg)``: a copy of the toy workspace with a label source ``empty`` that labels no
+    pixel (the cells of a grid trained on it fail), its train and val splits extracted with ``cfg``."""
+
+    def make(name: str, cfg: ExtractConfig) -> Workspace:
+        root = tmp_path_factory.mktemp(name) / "toy"
+        shutil.copytree(toy.root, root)
+        empty = root / "labels" / "empty"
+        empty.mkdir()
+        for image_id in toy.train_ids:
+            h, w = np.asarray(Image.open(root / "VOC2012" / "SegmentationClass" / f"{image_id}.png")).shape
+            Image.fromarray(np.full((h, w), 255, np.uint8)).save(empty / f"{image_id}.png")
+        with (root / "ssvt.toml").open("a") as f:
+            f.write('\n[labels.empty]\nkind = "mask"\npath = "labels/empty"\n')
+        ws = Workspace.load(root / "ssvt.toml")
+        for split in ("train", "val"):
+            extract(find_images(ws.data_root, split), store_path(cfg, ws.layout, split), cfg)
+        return ws
+
+    return make
 
 
 @pytest.fixture

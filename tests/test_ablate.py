@@ -5,7 +5,6 @@ import csv
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from pipeline.cache import label_readers as readers
 from pipeline.cache.labels import LabelSet, ensure_labels
@@ -22,8 +20,7 @@ from pipeline.cache.store import FeatureStore
 from pipeline.cli.ablation import train_overrides
 from pipeline.config import AblateConfig, ExtractConfig, TrainConfig, Workspace
 from pipeline.errors import ConfigError
-from pipeline.features.data import find_images
-from pipeline.features.extract import extract, store_path
+from pipeline.features.extract import store_path
 from pipeline.training.ablate import mean_std, run_ablation
 from pipeline.training.label_quality import score_labels
 from pipeline.training.metrics import ConfusionMatrix
@@ -33,21 +30,9 @@ QUICK = TrainConfig(lr=2e-2, epochs=1, min_steps=8, batch_size=8)
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory, toy) -> Workspace:
+def ws(toy_with_empty_labels) -> Workspace:
     """The toy workspace, extracted by the tiny model, plus a label source that labels nothing."""
-    root = tmp_path_factory.mktemp("ablate") / "toy"
-    shutil.copytree(toy.root, root)
-    empty = root / "labels" / "empty"
-    empty.mkdir()
-    for image_id in toy.train_ids:
-        h, w = np.asarray(Image.open(root / "VOC2012" / "SegmentationClass" / f"{image_id}.png")).shape
-        Image.fromarray(np.full((h, w), 255, np.uint8)).save(empty / f"{image_id}.png")
-    with (root / "ssvt.toml").open("a") as f:
-        f.write('\n[labels.empty]\nkind = "mask"\npath = "labels/empty"\n')
-    w = Workspace.load(root / "ssvt.toml")
-    for split in ("train", "val"):
-        extract(find_images(w.data_root, split), store_path(TINY, w.layout, split), TINY)
-    return w
+    return toy_with_empty_labels("ablate", TINY)
 
 
 def test_tables_are_the_cells_own_metrics(ws):

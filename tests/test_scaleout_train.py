@@ -15,15 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from pipeline.cache.labels import ensure_labels
 from pipeline.cache.store import FeatureStore
 from pipeline.config import ExtractConfig, TrainConfig, Workspace
 from pipeline.errors import ConfigError
-from pipeline.features.data import find_images
-from pipeline.features.extract import extract, store_path
+from pipeline.features.extract import store_path
 from pipeline.training.ablate import Cell, deal_passes
 from pipeline.training.data_parallel import BatchPlan
 from pipeline.training.train import train_head, training_images
@@ -36,21 +34,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory, toy) -> Workspace:
+def ws(toy_with_empty_labels) -> Workspace:
     """The toy workspace extracted in shards of 6, plus a label source that labels nothing (its cells fail)."""
-    root = tmp_path_factory.mktemp("scaleout") / "toy"
-    shutil.copytree(toy.root, root)
-    empty = root / "labels" / "empty"
-    empty.mkdir()
-    for image_id in toy.train_ids:
-        h, w = np.asarray(Image.open(root / "VOC2012" / "SegmentationClass" / f"{image_id}.png")).shape
-        Image.fromarray(np.full((h, w), 255, np.uint8)).save(empty / f"{image_id}.png")
-    with (root / "ssvt.toml").open("a") as f:
-        f.write('\n[labels.empty]\nkind = "mask"\npath = "labels/empty"\n')
-    w = Workspace.load(root / "ssvt.toml")
-    for split in ("train", "val"):
-        extract(find_images(w.data_root, split), store_path(TINY, w.layout, split), TINY)
-    return w
+    return toy_with_empty_labels("scaleout", TINY)
 
 
 def _free_port() -> int:
