@@ -273,6 +273,20 @@ def test_label_set_beside_a_store_on_s3(bucket: str, toy, tmp_path: Path) -> Non
     assert LabelSet.open(sets[1].path).attrs["quality"] == {"miou": 0.5}
 
 
+def test_missing_credentials_are_one_line_and_say_where_they_come_from(bucket: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true")  # fmt: skip
+    url = f"s3://{bucket}/cache/m/train.zarr"
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "info", url], env=env, capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: object storage: NoCredentialsError"), result.stderr
+    assert "AWS_ACCESS_KEY_ID" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) <= 3  # one line, wrapped by the terminal width at most
+
+
 def _workspace(toy_root: Path, name: str, cache: str) -> Path:
     """A copy of the toy's ssvt.toml with its own cache and runs folder."""
     text = (toy_root / "ssvt.toml").read_text()

@@ -78,6 +78,22 @@ def download(path: UPath, local: Path) -> None:
     path.fs.get_file(path.path, str(local))
 
 
+#: The packages whose errors are the object-storage client's: credentials, endpoint, permissions.
+CLIENT_PACKAGES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google")
+
+
+def client_error_message(exc: BaseException) -> str | None:
+    """One line for an error raised by the object-storage client (no credentials found, endpoint not
+    reachable, access denied), saying where ssvt takes those settings from; None for any other error.
+    The client's own text never holds the secret key."""
+    if type(exc).__module__.split(".")[0] not in CLIENT_PACKAGES:
+        return None
+    return (
+        f"object storage: {type(exc).__name__}: {exc} (credentials and endpoint come from AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL or ~/.aws/credentials and ~/.aws/config)"
+    )
+
+
 @contextmanager
 def replaced_whole(path: Location) -> Iterator[Path]:
     """A local temporary file to write ``path``'s new content into. When the block ends without an error

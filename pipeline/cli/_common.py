@@ -72,7 +72,8 @@ def _main(
 
 
 def errors_as_one_line(fn: F) -> F:
-    """Print an ssvt or file-system error as one red line and exit 1 (a traceback only with --debug)."""
+    """Print an ssvt, file-system or object-storage client error as one red line and exit 1 (a traceback
+    only with --debug)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -85,6 +86,14 @@ def errors_as_one_line(fn: F) -> F:
                 raise
             message = "interrupted; rerun the same command to resume" if isinstance(exc, KeyboardInterrupt) else str(exc)
             err_console.print(Text(f"error: {message}", style="bold red"))
+            raise typer.Exit(1) from None
+        except Exception as exc:  # the object-storage client's own errors (missing credentials, no endpoint)
+            from pipeline.cache.remote import client_error_message
+
+            line = client_error_message(exc)
+            if line is None or _state["debug"]:
+                raise
+            err_console.print(Text(f"error: {line}", style="bold red"))
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
