@@ -103,6 +103,21 @@ def test_a_url_as_run_folder_is_one_line(toy_copy, monkeypatch, command):
     assert not (toy_copy / "s3:").exists()
 
 
+@pytest.mark.parametrize(
+    "args",
+    [["evaluate", "R"], ["predict", "R", "--out", "O"], ["finetune", "--labels", "eps"], ["kmeans-viz"], ["demo"],
+     ["pseudo-masks"], ["score-labels", "eps"], ["make-toy", "O"]],
+)  # fmt: skip
+def test_commands_that_do_not_share_work_refuse_torchrun(tmp_path, monkeypatch, args):
+    """Under torchrun every rank would run the whole command and write the same files: one line instead."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert f"`ssvt {args[0]}` runs as one process, not under torchrun" in result.output
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
 def test_evaluate_flags_become_call(toy_copy, monkeypatch):
     import pipeline.inference.evaluate
     from pipeline.cache.label_kinds import LabelSource

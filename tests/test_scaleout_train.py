@@ -23,7 +23,7 @@ from pipeline.config import ExtractConfig, TrainConfig, Workspace
 from pipeline.errors import ConfigError
 from pipeline.features.extract import store_path
 from pipeline.training.ablate import Cell, deal_passes
-from pipeline.training.data_parallel import BatchPlan
+from pipeline.training.data_parallel import BatchPlan, check_one_gpu_each
 from pipeline.training.train import train_head, training_images
 
 # 16 training images in shards of 6: three shards (6, 6, 4), dealt unevenly over two ranks (10 and 6 images).
@@ -132,6 +132,16 @@ def test_a_rank_that_cannot_read_its_shards_stops_the_other(ws, tmp_path):
     assert out.returncode != 0
     assert "error: reading the features failed on rank 1 of 2" in out.stderr
     assert not (tmp_path / "run" / "head.safetensors").exists()
+
+
+def test_more_processes_than_gpus_is_refused_for_nccl(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    check_one_gpu_each(torch.device("cpu"))  # gloo on the CPU: any number of processes
+    with pytest.raises(ConfigError, match=r"2 processes on this node share 1 GPU.*--nproc_per_node=1"):
+        check_one_gpu_each(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_one_gpu_each(torch.device("cuda"))
 
 
 def test_a_batch_that_does_not_split_over_the_ranks_is_one_line(ws, tmp_path):

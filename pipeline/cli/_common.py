@@ -99,6 +99,29 @@ def errors_as_one_line(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+#: The commands that share their work over the ranks of torchrun; the others refuse to run under it.
+SHARED_OVER_RANKS = ("extract", "train-head", "ablate")
+
+
+def one_process(command: str) -> Callable[[F], F]:
+    """Refuse ``command`` under torchrun (``WORLD_SIZE`` > 1) with one line: every rank would do all of
+    it and write the same files at once. Goes below :func:`errors_as_one_line`."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+                raise ConfigError(
+                    f"`ssvt {command}` runs as one process, not under torchrun (only {', '.join(SHARED_OVER_RANKS)} "
+                    "share their work over ranks); run it without torchrun"
+                )
+            return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
 class RateColumn(ProgressColumn):
     """Items per second: rich's recent-speed estimate, else the average since the start."""
 

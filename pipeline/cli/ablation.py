@@ -16,6 +16,7 @@ from pipeline.cli._common import (
     err_console,
     errors_as_one_line,
     kv_table,
+    one_process,
     progress_bar,
     stage_bars,
 )
@@ -114,6 +115,7 @@ def ablate_cmd(
 
 @app.command("score-labels")
 @errors_as_one_line
+@one_process("score-labels")
 def score_labels_cmd(
     name: Annotated[str, typer.Argument(help="Label source or label set name (e.g. eps, scribble, cam).")],
     gt: Annotated[str, typer.Option(help="Ground truth: a label source name or a mask folder.")] = "gt",

@@ -21,6 +21,7 @@ from pipeline.cli._common import (
     err_console,
     errors_as_one_line,
     kv_table,
+    one_process,
     progress_bar,
     stage_bars,
 )  # fmt: skip
@@ -52,6 +53,7 @@ DataOpt = Annotated[Path | None, typer.Option(help="lin/ms: image dataset (VOC r
 
 @app.command("evaluate")
 @errors_as_one_line
+@one_process("evaluate")
 def evaluate_cmd(
     runs: Annotated[list[Path], typer.Argument(help="One or more train-head run folders.")],
     protocol: ProtocolOpt = ProtocolName.cache,
@@ -102,6 +104,7 @@ def evaluate_cmd(
 
 @app.command("predict")
 @errors_as_one_line
+@one_process("predict")
 def predict_cmd(
     run: Annotated[Path, typer.Argument(help="A train-head run folder.")],
     out: Annotated[Path, typer.Option(help="Folder for <id>.png (palette PNGs at the original size).")],

@@ -19,6 +19,7 @@ from pipeline.cli._common import (
     console,
     errors_as_one_line,
     kv_table,
+    one_process,
     progress_bar,
     run_folder,
     stage_bars,
@@ -30,6 +31,7 @@ from pipeline.heads import DEFAULT_HEAD, HEADS
 
 @app.command("finetune")
 @errors_as_one_line
+@one_process("finetune")
 def finetune_cmd(
     labels: Annotated[str, typer.Option(help="Label source, as for train-head: a name from ssvt.toml, a path or a label set.")],
     head: Annotated[str, typer.Option(help=f"Head, one of {', '.join(HEADS)}.")] = DEFAULT_HEAD,

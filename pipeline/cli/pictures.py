@@ -15,6 +15,7 @@ from pipeline.cli._common import (
     app,
     console,
     errors_as_one_line,
+    one_process,
     progress_bar,
     stage_bars,
 )  # fmt: skip
@@ -33,6 +34,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 @app.command("kmeans-viz")
 @errors_as_one_line
+@one_process("kmeans-viz")
 def kmeans_viz_cmd(
     store_path: Annotated[
         str | None, typer.Option("--store", help="Feature store. Default: the workspace's validation split in the cache.")
@@ -88,6 +90,7 @@ def kmeans_viz_cmd(
 
 @app.command("demo")
 @errors_as_one_line
+@one_process("demo")
 def demo_cmd(
     out: Annotated[Path, typer.Argument(help="Folder for the demo's data, caches, runs and figures.")] = Path("ssvt-demo"),
     quick: Annotated[bool, typer.Option(help="A smaller, faster tour (fewer images, steps and label sets).")] = False,

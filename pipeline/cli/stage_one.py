@@ -20,6 +20,7 @@ from pipeline.cli._common import (
     err_console,
     errors_as_one_line,
     kv_table,
+    one_process,
     progress_bar,
 )  # fmt: skip
 from pipeline.config import WORKSPACE_FILE, ExtractConfig, Workspace
@@ -48,6 +49,7 @@ def init(
 
 @app.command("make-toy")
 @errors_as_one_line
+@one_process("make-toy")
 def make_toy_cmd(
     out: Annotated[Path, typer.Argument(help="Folder to write the toy dataset and its ssvt.toml into.")],
     n_train: Annotated[int, typer.Option(help="Training images.")] = 64,

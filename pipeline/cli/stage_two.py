@@ -21,6 +21,7 @@ from pipeline.cli._common import (
     err_console,
     errors_as_one_line,
     kv_table,
+    one_process,
     progress_bar,
     run_folder,
     stage_bars,
@@ -155,6 +156,7 @@ def _print_eval(result: Any) -> None:
 
 @app.command("pseudo-masks")
 @errors_as_one_line
+@one_process("pseudo-masks")
 def pseudo_masks_cmd(
     labels: Annotated[str, typer.Option(help="Image-level label source (kind cls-labels, e.g. cls_labels.npy).")] = "cls",
     out_labels: Annotated[

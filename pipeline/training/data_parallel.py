@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -46,6 +47,18 @@ def check_batch_split(batch_size: int, world: int) -> None:
     """Refuse a global batch that does not split evenly over ``world`` processes."""
     if batch_size % world:
         raise ConfigError(f"--batch-size {batch_size} does not split evenly over {world} processes; use a multiple of {world}")
+
+
+def check_one_gpu_each(device: torch.device) -> None:
+    """Refuse data-parallel training on CUDA with more processes on this node than GPUs: NCCL, which
+    carries the gradients, takes one GPU per process (``LOCAL_WORLD_SIZE``, set by torchrun)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device.type == "cuda" and local > torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ConfigError(
+            f"{local} processes on this node share {count} GPU(s), and NCCL needs one GPU per process: "
+            f"start torchrun with --nproc_per_node={count}"
+        )
 
 
 @dataclass(frozen=True)

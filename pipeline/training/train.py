@@ -40,7 +40,14 @@ from pipeline.errors import ConfigError, LabelError
 from pipeline.heads import build_head
 from pipeline.provenance import environment
 from pipeline.training.batches import FeatureBatches, Step
-from pipeline.training.data_parallel import BatchPlan, global_batch_norm, held_features, planned_steps, sum_over_ranks
+from pipeline.training.data_parallel import (
+    BatchPlan,
+    check_one_gpu_each,
+    global_batch_norm,
+    held_features,
+    planned_steps,
+    sum_over_ranks,
+)
 from pipeline.training.losses import dense_loss, loss_share, sparse_loss, subsampled_dense_loss
 from pipeline.training.steplog import HISTORY_KEYS, StepLog, summary_writer_class
 
@@ -245,6 +252,7 @@ def train_heads(
     if ranks.world > 1:
         if not ranks.group:
             raise ConfigError("data-parallel training needs the process group torchrun starts, not --part")
+        check_one_gpu_each(device)
         plan = plan or BatchPlan.for_store(store, indices, first.batch_size, first.seed, ranks.world)
     if plan is not None:
         _check_plan(plan, len(indices), first.batch_size, ranks.world)
