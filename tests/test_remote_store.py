@@ -273,6 +273,35 @@ def test_label_set_beside_a_store_on_s3(bucket: str, toy, tmp_path: Path) -> Non
     assert LabelSet.open(sets[1].path).attrs["quality"] == {"miou": 0.5}
 
 
+@pytest.mark.slow
+def test_torchrun_ranks_extract_to_s3_as_one_local_process(bucket: str, toy, tmp_path: Path) -> None:
+    """The README's multi-node command on one machine: 2 ranks write a store at an s3:// URL (rank 0
+    creates it, the others open it) whose objects are the bytes one local process writes."""
+    args = [*TINY, "--config", str(toy.workspace), "--split", "train", "--images-per-shard", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what torchrun gives each rank: float sums in one order
+    local, url = tmp_path / "train.zarr", f"s3://{bucket}/cache/m/train.zarr"
+    one = subprocess.run([sys.executable, "-m", "pipeline.cli", "extract", *args, "--out", str(local)], env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "pipeline.cli", "extract", *args, "--out", url], env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr
+    assert "extract train (2 processes)" in two.stdout  # one bar, rank 0's, of both ranks
+    fs, root = s3fs.S3FileSystem(), f"{bucket}/cache/m/train.zarr"
+    keys = sorted(k[len(root) + 1 :] for k in fs.find(root))
+    assert keys == sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file())
+    assert len([k for k in keys if k.startswith("tokens/c/")]) == FeatureStore.open(local).n_shards
+    for key in keys:
+        remote_bytes, local_bytes = fs.cat_file(f"{root}/{key}"), (local / key).read_bytes()
+        if key == "zarr.json":  # the group metadata: only `created` may differ
+            remote_meta, local_meta = json.loads(remote_bytes), json.loads(local_bytes)
+            remote_meta["attributes"].pop("created"), local_meta["attributes"].pop("created")
+            assert remote_meta == local_meta
+        else:
+            assert remote_bytes == local_bytes, key
+
+
 def test_missing_credentials_are_one_line_and_say_where_they_come_from(bucket: str, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     env.update(AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
