@@ -9,7 +9,6 @@ Credentials and the endpoint come from the environment and the config files that
 (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ``~/.aws/credentials``,
 ``~/.aws/config``); nothing here writes them anywhere. Usage::
 
-    zarr.open_group(zarr_store(path, read_only=True), mode="r")
     with replaced_whole(label_path) as tmp:     # a local file; uploaded (or renamed) whole on success
         h5py.File(tmp, "w")...
     with readable(label_path) as f:             # a local path, or a file object on object storage
@@ -39,16 +38,6 @@ log = logging.getLogger(__name__)
 
 PART_BYTES = 16 * 2**20  # one ranged GET: large enough to amortise a request, small enough to keep several in flight
 READ_BLOCK = 8 * 2**20  # read-ahead of a label set's file object (h5py makes many small reads)
-
-
-def zarr_store(path: Location, *, read_only: bool) -> Any:
-    """What zarr opens for ``path``: the local folder as a string (zarr's ``LocalStore``), or an
-    ``FsspecStore`` on the URL's filesystem."""
-    if isinstance(path, Path):
-        return str(path)
-    from zarr.storage import FsspecStore
-
-    return FsspecStore.from_url(str(path), read_only=read_only)
 
 
 def keys_under(path: UPath) -> list[str]:

@@ -34,7 +34,7 @@ from zarr.buffer.cpu import NDBuffer
 from pipeline import __version__
 from pipeline.cache.geometry import GEOMETRY_COLUMNS, PATCH, Geometry
 from pipeline.cache.names import ImageStatus, Location, StoreIdentity, StorePath, label_set_paths, location
-from pipeline.cache.remote import RemoteShardReader, keys_under, nbytes_under, remove_under, upload, zarr_store
+from pipeline.cache.remote import RemoteShardReader, keys_under, nbytes_under, remove_under, upload
 from pipeline.cache.shardread import ShardReader
 from pipeline.errors import StoreError, store_io
 
@@ -159,6 +159,14 @@ def _create_arrays(group: zarr.Group, ids: Sequence[str], views: Sequence[str], 
             compressors=None, config=_ARRAY_CONFIG,
         )  # fmt: skip
         coord[:] = np.array(list(values), dtype=object)
+
+
+def _zarr_store(path: Location, *, read_only: bool) -> Any:
+    """What zarr opens for ``path``: the local folder as a string (zarr's ``LocalStore``), or an
+    ``FsspecStore`` on the URL's filesystem."""
+    if isinstance(path, Path):
+        return str(path)
+    return zarr.storage.FsspecStore.from_url(str(path), read_only=read_only)
 
 
 def _skeleton(
@@ -321,7 +329,7 @@ class FeatureStore:
         if not path.exists():
             raise StoreError(f"no feature store at {path}: run `ssvt extract` to create it")
         try:
-            group = zarr.open_group(zarr_store(path, read_only=mode == "r"), mode=mode, zarr_format=3)
+            group = zarr.open_group(_zarr_store(path, read_only=mode == "r"), mode=mode, zarr_format=3)
             schema = group.attrs.get("ssvt_schema")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise StoreError(f"{path} is not an ssvt feature store ({type(e).__name__}: {e})") from e
