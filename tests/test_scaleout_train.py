@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,21 @@ def test_ddp_train_head_equals_one_process_on_the_same_global_batches(ws, tmp_pa
     # The plan is what makes them equal: one process on its own shuffled epochs trains another head.
     own = train_head(store, labelset, cfg, tmp_path / "own", num_classes=21)
     assert own.history["loss"][1:] != pytest.approx(history["loss"][1:], rel=1e-3)
+
+
+def test_planned_training_reads_the_store_per_step_as_it_holds_it_in_memory(ws, tmp_path):
+    """A share too big for memory is read image by image at each step (``memory="stream"`` forces it):
+    the same batches, so the same head, bit for bit."""
+    store = FeatureStore.open(store_path(TINY, ws.layout, "train"))
+    labelset = ensure_labels(ws.label_source("gt"), store, num_classes=21)
+    cfg = TrainConfig(labels="gt", head="bn-linear", iterations=5, batch_size=4, lr=0.02, device="cpu")
+    plan = BatchPlan.for_store(store, training_images(store, labelset), cfg.batch_size, cfg.seed, world=2)
+    runs = {memory: train_head(store, labelset, replace(cfg, memory=memory), tmp_path / memory, num_classes=21, plan=plan)
+            for memory in ("ram", "stream")}  # fmt: skip
+    assert (runs["ram"].in_memory, runs["stream"].in_memory) == (True, False)
+    assert runs["ram"].history == runs["stream"].history
+    held, streamed = (load_file(str(tmp_path / m / "head.safetensors")) for m in ("ram", "stream"))
+    assert all(torch.equal(held[k], streamed[k]) for k in held)
 
 
 def test_batch_plan_agrees_on_steps_and_covers_each_ranks_images(ws):

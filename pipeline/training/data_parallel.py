@@ -176,20 +176,48 @@ def global_batch_norm(module: nn.Module) -> nn.Module:
     return module
 
 
+class StoreRows:
+    """The tokens of training images read from the store at every step, image by image (one view of
+    a ViT-L image at 448 is 2 MiB): for a share of the data that fits neither in device memory nor in
+    RAM, or with ``memory="stream"``. Same interface as the in-memory :class:`FeatureBatches`."""
+
+    def __init__(self, store: FeatureStore, indices: np.ndarray) -> None:
+        self.store, self.indices = store, indices
+
+    def take(self, positions: np.ndarray, device: torch.device) -> torch.Tensor:
+        """Tokens (b, V, h, w, C) of ``positions`` (into ``indices``) on ``device``."""
+        out = np.empty((len(positions), self.store.n_views, *self.store.grid, self.store.channels), np.float16)
+        for row, position in enumerate(positions.tolist()):
+            index = int(self.indices[position])
+            self.store.read_tokens(index, index + 1, out=out[row : row + 1])
+        return torch.from_numpy(out).to(device, non_blocking=True)
+
+
+Held = tuple[FeatureBatches | StoreRows, np.ndarray]
+
+
 def held_features(
-    store: FeatureStore, indices: np.ndarray, plan: BatchPlan, ranks: Ranks, device: torch.device
-) -> tuple[FeatureBatches, np.ndarray]:
-    """The tokens a process holds for ``plan`` (this rank's shards, or all in one process), on ``device``
-    when they fit, else in RAM, and the row of each training position among them (-1: not held). A
-    rank that fails to read them makes every rank stop (:meth:`Ranks.check`) before anything is written."""
+    store: FeatureStore, indices: np.ndarray, plan: BatchPlan, ranks: Ranks, device: torch.device, memory: str = "auto"
+) -> Held:
+    """The tokens a process holds for ``plan`` (this rank's shards, or all in one process) and the row
+    of each training position among them (-1: not held). ``memory`` "auto": on ``device`` when they fit,
+    else in RAM when they fit there, else read from the store at each step (:class:`StoreRows`); "ram"
+    and "stream" force one. A rank that fails to read them makes every rank stop
+    (:meth:`Ranks.check`) before anything is written."""
     mine = plan.owned[ranks.rank] if ranks.world > 1 else np.arange(len(indices))
     local = np.full(len(indices), -1, dtype=np.int64)
     local[mine] = np.arange(len(mine))
+    cpu = torch.device("cpu")
     try:
         nbytes = len(mine) * store.n_views * store.grid[0] * store.grid[1] * store.channels * 2
-        home = device if fits_in_memory(nbytes, device) else torch.device("cpu")
-        batches = FeatureBatches(store, indices[mine], plan.per_rank, home, in_memory=True)
-        log.info("%s holds %d of %d training images on %s", ranks.label or "this process", len(mine), len(indices), home)
+        home: torch.device | None = cpu if memory == "ram" else None
+        if memory == "auto":
+            home = device if fits_in_memory(nbytes, device) else cpu if fits_in_memory(nbytes, cpu) else None
+        batches: FeatureBatches | StoreRows = (
+            StoreRows(store, indices[mine]) if home is None else FeatureBatches(store, indices[mine], plan.per_rank, home, True)
+        )
+        where = "read from the store at each step" if home is None else f"held on {home}"
+        log.info("%s: %d of %d training images, %s", ranks.label or "this process", len(mine), len(indices), where)
     except Exception as exc:
         ranks.check(exc, "reading the features")  # the others learn of it and stop too; this re-raises
         raise
@@ -198,7 +226,7 @@ def held_features(
 
 
 def planned_steps(
-    held: tuple[FeatureBatches, np.ndarray], plan: BatchPlan, ranks: Ranks, generator: torch.Generator, total: int,
+    held: Held, plan: BatchPlan, ranks: Ranks, generator: torch.Generator, total: int,
     use_flip: bool, device: torch.device,
 ) -> Iterator[Step]:  # fmt: skip
     """``total`` steps of ``plan`` on the ``held`` features (:func:`held_features`): in one process whole

@@ -42,6 +42,7 @@ from pipeline.provenance import environment
 from pipeline.training.batches import FeatureBatches, Step
 from pipeline.training.data_parallel import (
     BatchPlan,
+    StoreRows,
     check_one_gpu_each,
     global_batch_norm,
     held_features,
@@ -233,11 +234,13 @@ def train_heads(
     result is the pass's time divided by the number of heads.
 
     ``plan``: train on the global batches of a :class:`~pipeline.training.data_parallel.BatchPlan`
-    instead of shuffled epochs, the features held in memory. In one process each step takes the whole
-    global batch; under a process group of ``plan.world`` ranks (``ranks``, torchrun) each rank takes
-    its own part, holding the tokens of its own shards only, and the heads train data-parallel (batch
-    norm, loss normalisation and random draws those of the global batch), so both give the same heads
-    to float rounding. A group of several ranks without a plan makes one (:meth:`BatchPlan.for_store`).
+    instead of shuffled epochs, the features held in memory when they fit (else read from the store
+    image by image at each step: :func:`~pipeline.training.data_parallel.held_features`). In one
+    process each step takes the whole global batch; under a process group of ``plan.world`` ranks
+    (``ranks``, torchrun) each rank takes its own part, holding the tokens of its own shards only, and
+    the heads train data-parallel (batch norm, loss normalisation and random draws those of the global
+    batch), so both give the same heads to float rounding. A group of several ranks without a plan
+    makes one (:meth:`BatchPlan.for_store`).
     Only rank 0 calls ``progress`` and writes run folders; every rank returns the same results."""
     keys = {fuse_key(store, job) for job in jobs}
     if len(keys) > 1:
@@ -268,8 +271,8 @@ def train_heads(
         steps = _epoch_steps(FeatureBatches(store, indices, first.batch_size, device, in_memory), generator, total,
                              use_flip, device)  # fmt: skip
     else:
-        in_memory = True
-        held = held_features(store, indices, plan, ranks, device)
+        held = held_features(store, indices, plan, ranks, device, first.memory)
+        in_memory = not isinstance(held[0], StoreRows)
         steps = planned_steps(held, plan, ranks, generator, total, use_flip, device)
     learners = [HeadLearner(job, masks[str(job.labels.path)], store.channels, len(store.layers), num_classes, total,
                             ranks if ranks.world > 1 else None) for job in jobs]  # fmt: skip
