@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 
 #: Public name -> the module that owns it.
 _API = {
-    "Workspace": "pipeline.config",
+    "Workspace": "pipeline.workspace",
     "ExtractConfig": "pipeline.config",
     "TrainConfig": "pipeline.config",
     "KMeansVizConfig": "pipeline.config",
@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from pipeline.cache.label_kinds import LabelSource, register_label_kind
     from pipeline.cache.labels import LabelSet, ensure_labels
     from pipeline.cache.store import FeatureStore
-    from pipeline.config import AblateConfig, ExtractConfig, KMeansVizConfig, TrainConfig, Workspace
+    from pipeline.config import AblateConfig, ExtractConfig, KMeansVizConfig, TrainConfig
     from pipeline.features.data import find_images
     from pipeline.features.extract import extract, store_path
     from pipeline.figures.shape_prior import kmeans_viz
@@ -74,6 +74,7 @@ if TYPE_CHECKING:
     from pipeline.training.evaluate import evaluate
     from pipeline.training.label_quality import score_labels
     from pipeline.training.runs import train_and_evaluate
+    from pipeline.workspace import Workspace
 
 
 def __getattr__(name: str) -> Any:

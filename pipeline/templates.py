@@ -1,6 +1,6 @@
 """The commented ``ssvt.toml`` files that ``ssvt init`` and ``ssvt make-toy`` write.
 
-Their keys are the ones :class:`pipeline.config.Workspace` accepts; tests parse both.
+Their keys are the ones :class:`pipeline.workspace.Workspace` accepts; tests parse both.
 """
 
 INIT_TEMPLATE = """\

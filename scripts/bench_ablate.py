@@ -50,8 +50,8 @@ from pathlib import Path
 from benchlib import cpu_seconds, print_table
 
 from pipeline.cache.names import AblationFiles, RunFiles, label_set_paths
-from pipeline.config import Workspace
 from pipeline.toy.dataset import make_toy
+from pipeline.workspace import Workspace
 
 
 @dataclass

@@ -29,10 +29,11 @@ from pathlib import Path
 
 from benchlib import print_table
 
-from pipeline.config import ExtractConfig, Workspace
+from pipeline.config import ExtractConfig
 from pipeline.features.data import find_images
 from pipeline.features.extract import extract, store_path
 from pipeline.toy.dataset import make_toy
+from pipeline.workspace import Workspace
 
 
 def parse_args() -> argparse.Namespace:

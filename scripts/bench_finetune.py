@@ -33,13 +33,14 @@ from benchlib import cpu_seconds, print_table
 
 from pipeline.cache.labels import LabelSet, ensure_labels
 from pipeline.cache.store import FeatureStore
-from pipeline.config import ExtractConfig, FinetuneConfig, TrainConfig, Workspace
+from pipeline.config import ExtractConfig, FinetuneConfig, TrainConfig
 from pipeline.features.backbones import Backbone
 from pipeline.features.data import find_images
 from pipeline.features.extract import extract, load_backbone
 from pipeline.toy.dataset import make_toy
 from pipeline.training.finetune import finetune
 from pipeline.training.train import train_head
+from pipeline.workspace import Workspace
 
 NUM_CLASSES = 21
 #: One timed run: (seconds of the training loop, seconds of the whole call, steps).

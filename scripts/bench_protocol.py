@@ -41,13 +41,14 @@ from benchlib import cpu_seconds, print_table
 
 import pipeline.inference.evaluate as ev
 from pipeline.cache.names import RunFiles
-from pipeline.config import ExtractConfig, TrainConfig, Workspace
+from pipeline.config import ExtractConfig, TrainConfig
 from pipeline.devices import pick_device
 from pipeline.features.data import find_images
 from pipeline.features.extract import extract, store_path
 from pipeline.inference.online import OnlinePredictor
 from pipeline.toy.dataset import make_toy
 from pipeline.training.runs import train_and_evaluate
+from pipeline.workspace import Workspace
 
 #: The 8 runs: (label set, head); the first is the single run.
 RUNS = (("gt", "bn-linear"), ("eps", "bn-linear"), ("seam", "bn-linear"), ("scribble", "bn-linear"),

@@ -51,7 +51,7 @@ from pipeline.cache.geometry import IGNORE
 from pipeline.cache.labels import LabelSet, ensure_labels
 from pipeline.cache.names import label_set_path
 from pipeline.cache.store import FeatureStore
-from pipeline.config import DemoConfig, ExtractConfig, PseudoMaskConfig, TrainConfig, Workspace
+from pipeline.config import DemoConfig, ExtractConfig, PseudoMaskConfig, TrainConfig
 from pipeline.features.data import find_images
 from pipeline.features.extract import extract, store_path
 from pipeline.toy.dataset import make_toy
@@ -59,6 +59,7 @@ from pipeline.training.evaluate import evaluate
 from pipeline.training.metrics import ConfusionMatrix
 from pipeline.training.pseudo_masks import PseudoMaskResult, make_pseudo_masks
 from pipeline.training.runs import train_and_evaluate
+from pipeline.workspace import Workspace
 
 #: One timed run: {part: seconds}, "total" included.
 Timed = Callable[[], dict[str, float]]

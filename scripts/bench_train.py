@@ -45,7 +45,7 @@ from benchlib import cpu_seconds, print_table
 
 from pipeline.cache.labels import LabelSet, ensure_labels
 from pipeline.cache.store import FeatureStore, default_images_per_shard
-from pipeline.config import ExtractConfig, TrainConfig, Workspace
+from pipeline.config import ExtractConfig, TrainConfig
 from pipeline.features.backbones import Backbone, build_backbone
 from pipeline.features.data import CanvasDataset, ImageItem, find_images
 from pipeline.features.extract import extract
@@ -53,6 +53,7 @@ from pipeline.heads import build_head
 from pipeline.toy.dataset import make_toy
 from pipeline.training.losses import dense_loss, sparse_loss, subsampled_dense_loss
 from pipeline.training.train import FeatureBatches, train_head
+from pipeline.workspace import Workspace
 
 MB = 2**20
 NUM_CLASSES = 21

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import ExtractConfig, Workspace
+from pipeline.config import ExtractConfig
 from pipeline.features.data import find_images
 from pipeline.features.extract import extract, store_path
 from pipeline.toy.dataset import ToyDataset, make_toy
+from pipeline.workspace import Workspace
 
 
 @pytest.fixture(scope="session")

@@ -18,12 +18,13 @@ from pipeline.cache import label_readers as readers
 from pipeline.cache.labels import LabelSet, ensure_labels
 from pipeline.cache.store import FeatureStore
 from pipeline.cli.ablation import train_overrides
-from pipeline.config import AblateConfig, ExtractConfig, TrainConfig, Workspace
+from pipeline.config import AblateConfig, ExtractConfig, TrainConfig
 from pipeline.errors import ConfigError
 from pipeline.features.extract import store_path
 from pipeline.training.ablate import mean_std, run_ablation
 from pipeline.training.label_quality import score_labels
 from pipeline.training.metrics import ConfusionMatrix
+from pipeline.workspace import Workspace
 
 TINY = ExtractConfig(model="vit_tiny_test", random_init=True, size=56, workers=0)
 QUICK = TrainConfig(lr=2e-2, epochs=1, min_steps=8, batch_size=8)

@@ -329,7 +329,7 @@ def test_end_to_end_from_make_toy_to_evaluate(tmp_path, monkeypatch):
 
 
 def test_init_writes_a_loadable_workspace(tmp_path, monkeypatch):
-    from pipeline.config import Workspace
+    from pipeline.workspace import Workspace
 
     monkeypatch.chdir(tmp_path)
     ok(["init"])

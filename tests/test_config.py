@@ -2,9 +2,10 @@
 
 import pytest
 
-from pipeline.config import OFFICIAL_ITERATIONS, ExtractConfig, TrainConfig, Workspace
+from pipeline.config import OFFICIAL_ITERATIONS, ExtractConfig, TrainConfig
 from pipeline.errors import ConfigError
 from pipeline.features.data import find_images
+from pipeline.workspace import Workspace
 
 
 def write(tmp_path, text: str):
@@ -135,7 +136,7 @@ def test_the_shipped_templates_use_only_valid_keys(tmp_path):
 
 
 def test_optional_ground_truth_can_be_switched_off(tmp_path):
-    from pipeline.config import optional_label_source
+    from pipeline.workspace import optional_label_source
 
     (tmp_path / "VOC2012" / "SegmentationClass").mkdir(parents=True)
     ws = _workspace(tmp_path, '[dataset]\nroot = "VOC2012"\n')
@@ -199,8 +200,8 @@ def test_label_sources_may_name_a_mask_mapping(tmp_path):
 
 
 def test_the_init_template_documents_every_format_and_dataset_key():
-    from pipeline.config import DATA_FORMATS, WORKSPACE_KEYS
     from pipeline.templates import INIT_TEMPLATE
+    from pipeline.workspace import DATA_FORMATS, WORKSPACE_KEYS
 
     for word in (*DATA_FORMATS, *WORKSPACE_KEYS["dataset"], *WORKSPACE_KEYS["labels.*"], "classes.txt", "images/<split>/"):
         assert word in INIT_TEMPLATE, word

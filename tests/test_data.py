@@ -126,7 +126,7 @@ def _mask(path, values):
 
 
 def _workspace(tmp_path, dataset: str):
-    from pipeline.config import Workspace
+    from pipeline.workspace import Workspace
 
     (tmp_path / "ssvt.toml").write_text(f"[dataset]\n{dataset}\n")
     return Workspace.load(tmp_path / "ssvt.toml")

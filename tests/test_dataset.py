@@ -18,11 +18,12 @@ from pipeline.cache.labels import LabelSet, ensure_labels
 from pipeline.cache.names import ImageStatus
 from pipeline.cache.store import FeatureStore
 from pipeline.cache.voc import NUM_CLASSES
-from pipeline.config import ExtractConfig, Workspace
+from pipeline.config import ExtractConfig
 from pipeline.errors import ConfigError, StoreMismatchError
 from pipeline.features.data import find_images
 from pipeline.features.extract import extract
 from pipeline.training.dataset import ShardBatchSampler, ShardShuffleSampler, StoreDataset
+from pipeline.workspace import Workspace
 
 TINY = ExtractConfig(model="vit_tiny_test", random_init=True, size=56, workers=0, images_per_shard=3, flip=True)
 BROKEN = 4

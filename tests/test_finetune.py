@@ -16,7 +16,7 @@ from pipeline.cache.labels import ensure_labels
 from pipeline.cache.names import RunFiles
 from pipeline.cache.store import FeatureStore
 from pipeline.cli import app
-from pipeline.config import ExtractConfig, FinetuneConfig, TrainConfig, Workspace
+from pipeline.config import ExtractConfig, FinetuneConfig, TrainConfig
 from pipeline.errors import ConfigError, StoreMismatchError
 from pipeline.features import checkpoints
 from pipeline.features.backbones import build_backbone, to_official_state_dict
@@ -29,6 +29,7 @@ from pipeline.inference.protocols import PROTOCOLS, Protocol
 from pipeline.training.evaluate import evaluate, load_run, score_head
 from pipeline.training.finetune import Tuner, finetune, pretrained_backbone
 from pipeline.training.train import train_head
+from pipeline.workspace import Workspace
 
 TINY = ExtractConfig(model="vit_tiny_test", random_init=True, size=56, workers=0, flip=True)
 CFG = TrainConfig(lr=2e-2, iterations=5, batch_size=8, device="cpu", memory="ram")

@@ -10,7 +10,7 @@ from PIL import Image
 
 from pipeline.cache.names import RunFiles
 from pipeline.cache.store import FeatureStore
-from pipeline.config import ExtractConfig, TrainConfig, Workspace
+from pipeline.config import ExtractConfig, TrainConfig
 from pipeline.errors import ConfigError, StoreMismatchError
 from pipeline.features.data import find_images, load_rgb
 from pipeline.features.extract import extract, store_path
@@ -20,6 +20,7 @@ from pipeline.inference.predict import load_probs, predict
 from pipeline.inference.protocols import PROTOCOLS, Protocol
 from pipeline.training.evaluate import evaluate
 from pipeline.training.runs import train_and_evaluate
+from pipeline.workspace import Workspace
 
 TINY = ExtractConfig(model="vit_tiny_test", random_init=True, size=56, workers=0)
 FAST = TrainConfig(lr=2e-2, epochs=1, min_steps=30, batch_size=8)

@@ -25,10 +25,11 @@ from pipeline.cache.label_kinds import (
 from pipeline.cache.labels import ensure_labels
 from pipeline.cache.store import FeatureStore
 from pipeline.cache.voc import NUM_CLASSES
-from pipeline.config import ExtractConfig, Workspace, label_source
+from pipeline.config import ExtractConfig
 from pipeline.errors import ConfigError
 from pipeline.features.data import find_images
 from pipeline.features.extract import extract
+from pipeline.workspace import Workspace, label_source
 
 
 def test_registry_says_what_each_kind_is_good_for():

@@ -20,15 +20,17 @@ from scipy import ndimage
 from pipeline.cache import label_readers as readers
 from pipeline.cache import labels as labels_module
 from pipeline.cache.geometry import IGNORE, Geometry, fit_geometry, mask_to_canvas
+from pipeline.cache.label_kinds import LabelSource
 from pipeline.cache.label_readers import sparse_mask_to_canvas
 from pipeline.cache.labels import LabelSet, ensure_labels, import_labels
 from pipeline.cache.names import label_set_path
 from pipeline.cache.store import FeatureStore
 from pipeline.cache.voc import NUM_CLASSES, SCRIBBLE_TAGS
-from pipeline.config import ExtractConfig, LabelSource, Workspace, label_source
+from pipeline.config import ExtractConfig
 from pipeline.errors import LabelError, StoreError
 from pipeline.features.data import find_images
 from pipeline.features.extract import extract
+from pipeline.workspace import Workspace, label_source
 
 SIZE = 56
 #: name -> (kind, sparse) of the toy workspace's sources and of the extra folders imported by path.

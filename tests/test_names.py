@@ -24,10 +24,11 @@ from pipeline.cache.names import (
     sibling_store,
 )
 from pipeline.cache.store import FeatureStore
-from pipeline.config import ExtractConfig, Workspace
+from pipeline.config import ExtractConfig
 from pipeline.errors import ConfigError
 from pipeline.features.data import find_images
 from pipeline.features.extract import extract, plan_extract, resolved_layers, store_path
+from pipeline.workspace import Workspace
 
 
 @pytest.mark.parametrize(

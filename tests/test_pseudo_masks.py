@@ -15,7 +15,7 @@ from pipeline.cache.geometry import IGNORE, fit_geometry
 from pipeline.cache.label_kinds import LabelSource
 from pipeline.cache.labels import LabelSet, ensure_labels
 from pipeline.cache.store import FeatureStore
-from pipeline.config import ExtractConfig, PseudoMaskConfig, TrainConfig, Workspace
+from pipeline.config import ExtractConfig, PseudoMaskConfig, TrainConfig
 from pipeline.errors import ConfigError, LabelError
 from pipeline.features.data import find_images
 from pipeline.features.extract import extract, store_path
@@ -30,6 +30,7 @@ from pipeline.training.pseudo_masks import (
     refine_with_clusters,
 )
 from pipeline.training.runs import resolve_labels, train_and_evaluate
+from pipeline.workspace import Workspace
 
 # A 16 x 16 token grid from a tiny random ViT: enough shape for class maps, fast on a CPU.
 TINY = ExtractConfig(model="vit_tiny_test", random_init=True, size=224, flip=True, workers=0)

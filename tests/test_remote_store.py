@@ -34,8 +34,8 @@ from pipeline.cache.labels import LabelSet, ensure_labels, update_label_attrs  #
 from pipeline.cache.names import CacheLayout, label_set_path, location  # noqa: E402
 from pipeline.cache.store import FeatureStore  # noqa: E402
 from pipeline.cli import app  # noqa: E402
-from pipeline.config import Workspace  # noqa: E402
 from pipeline.errors import ConfigError, StoreError  # noqa: E402
+from pipeline.workspace import Workspace  # noqa: E402
 
 # Distinctive dummy credentials, so that the tests can look for them in everything written.
 KEY_ID, SECRET = "AKIASSVTTESTKEY00001", "ssvt-test-secret-never-written-3f9c"

@@ -20,12 +20,13 @@ from safetensors.torch import load_file
 
 from pipeline.cache.labels import ensure_labels
 from pipeline.cache.store import FeatureStore
-from pipeline.config import ExtractConfig, TrainConfig, Workspace
+from pipeline.config import ExtractConfig, TrainConfig
 from pipeline.errors import ConfigError
 from pipeline.features.extract import store_path
 from pipeline.training.ablate import Cell, deal_passes
 from pipeline.training.data_parallel import BatchPlan, check_one_gpu_each
 from pipeline.training.train import train_head, training_images
+from pipeline.workspace import Workspace
 
 # 16 training images in shards of 6: three shards (6, 6, 4), dealt unevenly over two ranks (10 and 6 images).
 TINY = ExtractConfig(model="vit_tiny_test", random_init=True, size=56, workers=0, flip=True, images_per_shard=6)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.cache.label_kinds import LabelSource
 from pipeline.cache.store import FeatureStore
-from pipeline.config import ExtractConfig, KMeansVizConfig, LabelSource
+from pipeline.config import ExtractConfig, KMeansVizConfig
 from pipeline.errors import ConfigError, DataError
 from pipeline.features.data import ImageItem, find_images
 from pipeline.features.extract import extract

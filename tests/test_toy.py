@@ -13,9 +13,9 @@ from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from pipeline.cache.voc import CLASS_NAMES, palette
-from pipeline.config import Workspace
 from pipeline.errors import ConfigError
 from pipeline.toy.dataset import ToyDataset, make_toy
+from pipeline.workspace import Workspace
 
 N_TRAIN, N_VAL = 6, 3
 

@@ -13,13 +13,14 @@ from PIL import Image
 from pipeline.cache import label_readers as readers
 from pipeline.cache.labels import ensure_labels
 from pipeline.cache.store import FeatureStore
-from pipeline.config import ExtractConfig, TrainConfig, Workspace
+from pipeline.config import ExtractConfig, TrainConfig
 from pipeline.errors import ConfigError, LabelError, StoreMismatchError
 from pipeline.features.data import find_images
 from pipeline.features.extract import extract, store_path
 from pipeline.training.evaluate import evaluate, load_run, score_head
 from pipeline.training.metrics import ConfusionMatrix
 from pipeline.training.runs import train_and_evaluate
+from pipeline.workspace import Workspace
 
 TINY = ExtractConfig(model="vit_tiny_test", random_init=True, size=112, workers=0, flip=True)
 FAST = TrainConfig(lr=2e-2, epochs=1, min_steps=60, batch_size=8)

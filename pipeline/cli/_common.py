@@ -19,8 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.config import WORKSPACE_FILE
 from pipeline.errors import ConfigError, SsvtError
+from pipeline.workspace import WORKSPACE_FILE
 
 #: Seconds between plain progress lines when stdout is not a terminal (a file, a CI log); the
 #: environment variable SSVT_PROGRESS_EVERY overrides it (0: a line at every update).

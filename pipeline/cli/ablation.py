@@ -20,7 +20,7 @@ from pipeline.cli._common import (
     progress_bar,
     stage_bars,
 )
-from pipeline.config import Workspace
+from pipeline.workspace import Workspace
 
 
 def _names(value: str) -> tuple[str, ...]:
@@ -83,10 +83,11 @@ def ablate_cmd(
     to every cell. Writes ablations/NAME/: a run folder per cell, results.csv/json, table.md, table.png.
     Under torchrun the cells are shared out over the processes (each cell trains on one) and rank 0
     writes the tables."""
-    from pipeline.config import AblateConfig, TrainConfig, label_source
+    from pipeline.config import AblateConfig, TrainConfig
     from pipeline.distributed import Ranks
     from pipeline.errors import ConfigError
     from pipeline.training.ablate import run_ablation
+    from pipeline.workspace import label_source
 
     ws = Workspace.find(config)
     if ws is None:
@@ -133,9 +134,9 @@ def score_labels_cmd(
     from pipeline.cache.labels import LabelSet, ensure_labels
     from pipeline.cache.names import label_set_path
     from pipeline.cache.store import FeatureStore
-    from pipeline.config import label_source
     from pipeline.training.label_quality import score_labels
     from pipeline.training.runs import resolve_labels, training_store_path
+    from pipeline.workspace import label_source
 
     ws = Workspace.find(config)
     store = FeatureStore.open(training_store_path(ws, store_path, features))

@@ -26,7 +26,7 @@ from pipeline.cli._common import (
     stage_bars,
 )  # fmt: skip
 from pipeline.cli.stage_two import _print_eval
-from pipeline.config import Workspace
+from pipeline.workspace import Workspace
 
 
 class ProtocolName(StrEnum):
@@ -79,8 +79,8 @@ def evaluate_cmd(
     Writes metrics.json (cache) or metrics.<protocol>.json, the confusion matrix and worst.png (the
     images with the lowest mIoU) into each run folder. With lin/ms, runs on the same backbone share
     one backbone pass."""
-    from pipeline.config import label_source
     from pipeline.inference.evaluate import evaluate_runs
+    from pipeline.workspace import label_source
 
     ws = Workspace.find(config)
     gt_source = label_source(gt, ws)

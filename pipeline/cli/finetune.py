@@ -25,8 +25,8 @@ from pipeline.cli._common import (
     stage_bars,
 )
 from pipeline.cli.stage_two import Schedule, _print_eval
-from pipeline.config import Workspace
 from pipeline.heads import DEFAULT_HEAD, HEADS
+from pipeline.workspace import Workspace
 
 
 @app.command("finetune")
@@ -85,9 +85,10 @@ def finetune_cmd(
 
     The baseline of the paper's "frozen vs fine-tuned" table. The run folder is train-head's plus
     backbone.safetensors; `ssvt evaluate RUN` scores it with the tuned backbone online."""
-    from pipeline.config import FinetuneConfig, TrainConfig, optional_label_source
+    from pipeline.config import FinetuneConfig, TrainConfig
     from pipeline.training.finetune import finetune_and_evaluate
     from pipeline.training.runs import resolve_labels
+    from pipeline.workspace import optional_label_source
 
     cfg = TrainConfig(
         labels=labels, head=head, epochs=epochs, iterations=iterations, min_steps=min_steps, batch_size=batch_size, lr=lr,

@@ -19,8 +19,8 @@ from pipeline.cli._common import (
     progress_bar,
     stage_bars,
 )  # fmt: skip
-from pipeline.config import Workspace
 from pipeline.errors import ConfigError
+from pipeline.workspace import Workspace
 
 # ---------------------------------------------------------------- pictures and the tour
 
@@ -62,8 +62,9 @@ def kmeans_viz_cmd(
     from collections import Counter
 
     from pipeline.cache.store import FeatureStore
-    from pipeline.config import KMeansVizConfig, optional_label_source
+    from pipeline.config import KMeansVizConfig
     from pipeline.figures.shape_prior import kmeans_viz
+    from pipeline.workspace import optional_label_source
 
     ws = Workspace.find(config)
     if store_path is None:

@@ -23,9 +23,10 @@ from pipeline.cli._common import (
     one_process,
     progress_bar,
 )  # fmt: skip
-from pipeline.config import WORKSPACE_FILE, ExtractConfig, Workspace
+from pipeline.config import ExtractConfig
 from pipeline.errors import ConfigError
 from pipeline.templates import INIT_TEMPLATE
+from pipeline.workspace import WORKSPACE_FILE, Workspace
 
 if TYPE_CHECKING:
     from pipeline.cache.names import Location

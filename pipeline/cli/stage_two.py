@@ -26,8 +26,8 @@ from pipeline.cli._common import (
     run_folder,
     stage_bars,
 )  # fmt: skip
-from pipeline.config import Workspace
 from pipeline.heads import DEFAULT_HEAD, HEADS, heads_help
+from pipeline.workspace import Workspace
 
 
 class Schedule(StrEnum):
@@ -97,9 +97,10 @@ def train_head_cmd(
     metrics.csv per step, metrics, curve, confusion matrix, log). Under torchrun the head trains
     data-parallel, each process reading its own shards; the global batch (--batch-size) is split
     evenly over the processes and rank 0 writes the run folder."""
-    from pipeline.config import TrainConfig, optional_label_source
+    from pipeline.config import TrainConfig
     from pipeline.distributed import Ranks
     from pipeline.training.runs import resolve_labels, train_and_evaluate
+    from pipeline.workspace import optional_label_source
 
     cfg = TrainConfig(
         labels=labels, head=head, epochs=epochs, iterations=iterations, min_steps=min_steps, batch_size=batch_size,
@@ -190,10 +191,11 @@ def pseudo_masks_cmd(
     (background threshold, unconfident pixels 255, only each image's labelled classes) and writes
     them as a label set beside the store."""
     from pipeline.cache.store import FeatureStore
-    from pipeline.config import PseudoMaskConfig, label_source, optional_label_source
+    from pipeline.config import PseudoMaskConfig
     from pipeline.errors import ConfigError
     from pipeline.training.pseudo_masks import draw_cam_figure, make_pseudo_masks
     from pipeline.training.runs import training_store_path
+    from pipeline.workspace import label_source, optional_label_source
 
     if figure < 0:
         raise ConfigError(f"--figure is the number of images in cam.png (0 = none), got {figure}")

@@ -40,13 +40,14 @@ from pipeline import __version__
 from pipeline.cache.geometry import check_size
 from pipeline.cache.names import CacheLayout, ImageStatus, Location, StoreIdentity, StorePath, cache_name, legacy_cache_name
 from pipeline.cache.store import FeatureStore, default_images_per_shard
-from pipeline.config import WORKSPACE_FILE, ExtractConfig, Workspace
+from pipeline.config import ExtractConfig
 from pipeline.devices import OomBackoff, autocast, pick_device, pin_memory
 from pipeline.distributed import Ranks
 from pipeline.errors import ConfigError, DataError, StoreError, StoreMismatchError
 from pipeline.features.backbones import Backbone, build_backbone, get_spec, resolve_layers, resolve_weights
 from pipeline.features.data import CanvasDataset, ImageItem, find_images
 from pipeline.features.sharing import Progress, RunProgress, shared_store
+from pipeline.workspace import WORKSPACE_FILE, Workspace
 
 log = logging.getLogger(__name__)
 

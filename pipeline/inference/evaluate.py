@@ -28,7 +28,7 @@ from pipeline.cache.geometry import fit_geometry
 from pipeline.cache.label_kinds import LabelSource
 from pipeline.cache.names import RunFiles, StrPath, sibling_store
 from pipeline.cache.store import FeatureStore
-from pipeline.config import ExtractConfig, Workspace
+from pipeline.config import ExtractConfig
 from pipeline.devices import pick_device
 from pipeline.errors import ConfigError, LabelError, StoreError, StoreMismatchError
 from pipeline.features.backbones import Backbone, resolve_layers
@@ -39,6 +39,7 @@ from pipeline.inference.online import OnlinePredictor
 from pipeline.inference.protocols import CACHE, get_protocol
 from pipeline.training.evaluate import WORST_IMAGES, EvalResult, evaluate, load_run, score_image, write_metrics
 from pipeline.training.metrics import Scorer
+from pipeline.workspace import Workspace
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pipeline.cache.label_kinds import LabelSource
 from pipeline.cache.store import FeatureStore
-from pipeline.config import DemoConfig, ExtractConfig, KMeansVizConfig, Workspace
+from pipeline.config import DemoConfig, ExtractConfig, KMeansVizConfig
 from pipeline.errors import WeightsNotFoundError
 from pipeline.features.backbones import resolve_weights
 from pipeline.features.data import find_images
@@ -28,6 +28,7 @@ from pipeline.figures.shape_prior import KMeansVizResult, kmeans_viz
 from pipeline.toy.dataset import make_toy
 from pipeline.training.pseudo_masks import PseudoMaskResult, make_pseudo_masks
 from pipeline.training.runs import RunOutcome, StageProgress, train_and_evaluate
+from pipeline.workspace import Workspace
 
 log = logging.getLogger(__name__)
 

@@ -41,11 +41,12 @@ from pipeline.cache.label_kinds import LabelSource
 from pipeline.cache.labels import LabelSet, ensure_labels
 from pipeline.cache.names import AblationFiles, Location, RunFiles, label_set_path
 from pipeline.cache.store import FeatureStore
-from pipeline.config import AblateConfig, TrainConfig, Workspace
+from pipeline.config import AblateConfig, TrainConfig
 from pipeline.distributed import Ranks
 from pipeline.errors import ConfigError, SsvtError
 from pipeline.training.runs import StageProgress, open_label_set, resolve_labels, train_many_and_evaluate
 from pipeline.training.train import HeadJob, fuse_key
+from pipeline.workspace import Workspace
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from pipeline.cache.label_kinds import LabelSource
 from pipeline.cache.labels import LabelSet, ensure_labels
 from pipeline.cache.names import CacheLayout, ImageStatus, RunFiles, StorePath, StrPath, run_stem, sibling_store
 from pipeline.cache.store import FeatureStore
-from pipeline.config import ExtractConfig, FinetuneConfig, TrainConfig, Workspace
+from pipeline.config import ExtractConfig, FinetuneConfig, TrainConfig
 from pipeline.devices import autocast, autocast_dtype, pick_device, pin_memory
 from pipeline.errors import ConfigError, DataError, LabelError, StoreMismatchError
 from pipeline.features import checkpoints
@@ -53,6 +53,7 @@ from pipeline.training.metrics import Scorer
 from pipeline.training.runs import RunOutcome, StageProgress, _finish, open_label_set, run_log, training_store_path
 from pipeline.training.steplog import StepLog, summary_writer_class
 from pipeline.training.train import LOSS_SEED_OFFSET, TrainProgress, TrainResult, _loss, lr_lambda, training_images, write_run
+from pipeline.workspace import Workspace
 
 log = logging.getLogger(__name__)
 

@@ -32,13 +32,14 @@ from pipeline.cache.names import (
     sibling_store,
 )
 from pipeline.cache.store import FeatureStore
-from pipeline.config import TrainConfig, Workspace, label_source
+from pipeline.config import TrainConfig
 from pipeline.distributed import Ranks
 from pipeline.errors import ConfigError, LabelError, SsvtError
 from pipeline.training.data_parallel import check_batch_split
 from pipeline.training.evaluate import EvalResult, evaluate
 from pipeline.training.steplog import summary_writer_class, tensorboard_scalars
 from pipeline.training.train import HeadJob, TrainResult, fuse_key, train_head, train_heads
+from pipeline.workspace import Workspace, label_source
 
 log = logging.getLogger(__name__)
 
