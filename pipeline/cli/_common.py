@@ -47,6 +47,17 @@ FeaturesOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 
+# Options that train-head and finetune share, with one wording.
+GtOpt = Annotated[str, typer.Option(help="Ground truth for the final evaluation: a label source name or a mask folder.")]
+EpochsOpt = Annotated[int | None, typer.Option(help="Passes over the labelled images; alternative to --iterations.")]
+MinStepsOpt = Annotated[int, typer.Option(help="With --epochs: train at least this many steps (more epochs on small datasets).")]
+WarmupItersOpt = Annotated[int | None, typer.Option(help="Warm-up steps instead of --warmup (official: 1,500).", metavar="N")]
+PolyPowerOpt = Annotated[float, typer.Option(help="Power of the poly decay (official: 1.0).")]
+PixelsOpt = Annotated[
+    int | None, typer.Option(help="Dense labels: train on this many random labelled pixels per image (default: all).")
+]
+StrictOpt = Annotated[bool, typer.Option(help="Fail when some images have no label instead of leaving them out.")]
+
 
 def _print_version(value: bool) -> None:
     if value:

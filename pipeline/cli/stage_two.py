@@ -15,7 +15,14 @@ from pipeline.cache.label_kinds import LABEL_KINDS, kinds_help
 from pipeline.cli._common import (
     ConfigOpt,
     DeviceOpt,
+    EpochsOpt,
     FeaturesOpt,
+    GtOpt,
+    MinStepsOpt,
+    PixelsOpt,
+    PolyPowerOpt,
+    StrictOpt,
+    WarmupItersOpt,
     app,
     console,
     err_console,
@@ -57,16 +64,14 @@ def train_head_cmd(
         str | None,
         typer.Option("--val-store", help="Validation store, evaluated at the end. Default: the val split beside --store."),
     ] = None,
-    gt: Annotated[str, typer.Option(help="Ground truth for the final evaluation: a label source name or a mask folder.")] = "gt",
+    gt: GtOpt = "gt",
     features: FeaturesOpt = None,
     out: Annotated[str | None, typer.Option(help="Run folder (local). Default: <runs>/<labels>-<head>[-n].")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Passes over the labelled images; alternative to --iterations.")] = None,
+    epochs: EpochsOpt = None,
     iterations: Annotated[
         int | None, typer.Option(help="Optimiser steps. Default: 40,000 as the official config, unless --epochs is given.")
     ] = None,
-    min_steps: Annotated[
-        int, typer.Option(help="With --epochs: train at least this many steps (more epochs on small datasets).")
-    ] = 300,
+    min_steps: MinStepsOpt = 300,
     batch_size: Annotated[int, typer.Option(help="Images per step (official: 16).")] = 16,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (official: 1e-3).")] = 1e-3,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (official: 1e-4).")] = 1e-4,
@@ -74,18 +79,14 @@ def train_head_cmd(
         float,
         typer.Option(help="Fraction of the steps spent warming the learning rate up (official: 1,500 of 40,000 = 0.0375)."),
     ] = 0.0375,
-    warmup_iters: Annotated[
-        int | None, typer.Option(help="Warm-up steps instead of --warmup (official: 1,500).", metavar="N")
-    ] = None,
+    warmup_iters: WarmupItersOpt = None,
     schedule: Annotated[Schedule, typer.Option(help="Learning-rate decay over all steps (official: poly).")] = Schedule.poly,
-    poly_power: Annotated[float, typer.Option(help="Power of the poly decay (official: 1.0).")] = 1.0,
-    pixels_per_image: Annotated[
-        int | None, typer.Option(help="Dense labels: train on this many random labelled pixels per image (default: all).")
-    ] = None,
+    poly_power: PolyPowerOpt = 1.0,
+    pixels_per_image: PixelsOpt = None,
     flip: Annotated[bool, typer.Option(help="Use the cached flipped view as augmentation when there is one.")] = True,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same head.")] = 0,
     device: DeviceOpt = "auto",
-    strict: Annotated[bool, typer.Option(help="Fail when some images have no label instead of leaving them out.")] = False,
+    strict: StrictOpt = False,
     tensorboard: Annotated[
         bool, typer.Option(help="Also write TensorBoard event files to <run>/tb (needs `pip install tensorboard`).")
     ] = False,
