@@ -44,7 +44,8 @@ import torch
 from benchlib import cpu_seconds, print_table
 
 from pipeline.cache.labels import LabelSet, ensure_labels
-from pipeline.cache.store import FeatureStore, default_images_per_shard
+from pipeline.cache.schema import default_images_per_shard
+from pipeline.cache.store import FeatureStore
 from pipeline.config import ExtractConfig, TrainConfig
 from pipeline.features.backbones import Backbone, build_backbone
 from pipeline.features.data import CanvasDataset, ImageItem, find_images

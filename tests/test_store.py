@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.cache.store import DIMENSION_NAMES, SCHEMA_VERSION, FeatureStore, default_images_per_shard
+from pipeline.cache.schema import DIMENSION_NAMES, SCHEMA_VERSION, default_images_per_shard
+from pipeline.cache.store import FeatureStore
 from pipeline.errors import StoreError
 
 N, S, VIEWS, GRID, C, SIZE = 10, 4, ("original", "hflip"), (2, 2), 8, 28

@@ -17,13 +17,10 @@ may fill disjoint shards of one store at the same time. ``path`` may be a URL on
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-from collections import Counter
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -35,6 +32,13 @@ from pipeline import __version__
 from pipeline.cache.geometry import GEOMETRY_COLUMNS, PATCH, Geometry
 from pipeline.cache.names import ImageStatus, Location, StoreIdentity, StorePath, label_set_paths, location
 from pipeline.cache.remote import RemoteShardReader, keys_under, nbytes_under, remove_under, upload
+from pipeline.cache.schema import (
+    DIMENSION_NAMES,
+    NODES,
+    SCHEMA_VERSION,
+    default_images_per_shard,
+    group_attrs,
+)
 from pipeline.cache.shardread import ShardReader
 from pipeline.errors import StoreError, store_io
 
@@ -43,96 +47,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-
 # Runtime settings, not stored in the metadata, so they are applied on every open: an all-zero image
 # (a failed decode) is still written, and no chunk pays an emptiness check.
 _ARRAY_CONFIG: Any = {"write_empty_chunks": True}  # zarr's ArrayConfigParams; its type lives in private zarr.core
-_REQUIRED: dict[str, type | tuple[type, ...]] = {"backbone": str, "layers": (list, tuple), "size": int}
-_CHECKED = ("ssvt_schema", "grid", "channels", "views", "dtype", "images_per_shard", "n_images")
-_OWNED = (*_CHECKED, "ssvt_version", "created", "ids", "sources")
 _INFO_KEYS = ("weights_sha256", "weights_source", "normalization", "ssvt_schema", "ssvt_version", "created")
-# zarr v3 dimension names, shared across arrays so that xarray lines them up (cache_layout.md, "Arrays").
-# Older schema-1 stores name only those of tokens and lack the coordinate arrays; ssvt needs neither.
-DIMENSION_NAMES: dict[str, tuple[str, ...]] = {
-    "tokens": ("image", "view", "row", "col", "channel"),
-    "cls": ("image", "view", "channel"),
-    "geometry": ("image", "geometry_field"),
-    "status": ("image",),
-    "shard_done": ("shard",),
-}
-_NODES = {"zarr.json", *DIMENSION_NAMES, "image", "view", "geometry_field"}  # top-level names in a store
-
-
-def default_images_per_shard(grid: tuple[int, int], channels: int, views: int, target_bytes: int = 128 * 2**20) -> int:
-    """Images per shard so that a full tokens shard holds about ``target_bytes`` (at least 1)."""
-    per_image = views * grid[0] * grid[1] * channels * 2
-    return max(1, round(target_bytes / per_image))
-
-
-def _check_json(key: str, value: Any) -> None:
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise StoreError(f"store attribute {key!r} must be plain JSON (str/int/float/list/dict): {e}") from e
-
-
-def _store_attrs(
-    ids: Sequence[str],
-    views: Sequence[str],
-    grid: tuple[int, int],
-    channels: int,
-    attrs: dict[str, Any],
-    images_per_shard: int,
-    sources: Sequence[str] | None,
-) -> dict[str, Any]:
-    """Validate the inputs of :meth:`FeatureStore.create`; return the group attributes."""
-
-    for key, kind in _REQUIRED.items():
-        if not isinstance(attrs.get(key), kind):
-            raise StoreError(f"store attribute {key!r} is missing or has the wrong type: {attrs.get(key)!r}")
-    layers, size, patch = attrs["layers"], attrs["size"], attrs.get("patch", PATCH)
-    if not layers or not all(isinstance(x, int) for x in layers):
-        raise StoreError(f"store attribute 'layers' must be a non-empty list of ints, got {layers!r}")
-    if type(patch) is not int or patch < 1:
-        raise StoreError(f"store attribute 'patch' must be a positive int, got {patch!r}")
-    if size <= 0 or size % patch or tuple(grid) != (size // patch, size // patch):
-        raise StoreError(
-            f"grid {tuple(grid)} does not fit size {size} at patch {patch}: expected ({size // patch}, {size // patch})"
-        )
-    if channels <= 0:
-        raise StoreError(f"channels must be positive, got {channels}")
-    if not ids or not all(isinstance(i, str) and i for i in ids):
-        raise StoreError("ids must be a non-empty list of non-empty strings")
-    if len(set(ids)) != len(ids):
-        dup = next(i for i, count in Counter(ids).items() if count > 1)
-        raise StoreError(f"ids must be distinct: {dup!r} appears more than once")
-    if not views or len(set(views)) != len(views) or not all(isinstance(v, str) and v for v in views):
-        raise StoreError(f"views must be distinct non-empty names, got {list(views)!r}")
-    if sources is not None and len(sources) != len(ids):
-        raise StoreError(f"got {len(sources)} sources for {len(ids)} ids")
-    owned = {
-        "ssvt_schema": SCHEMA_VERSION,
-        "ssvt_version": __version__,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "patch": patch,
-        "grid": [int(grid[0]), int(grid[1])],
-        "channels": int(channels),
-        "views": list(views),
-        "dtype": "float16",
-        "images_per_shard": int(images_per_shard),
-        "n_images": len(ids),
-        "ids": list(ids),
-        "sources": None if sources is None else [str(s) for s in sources],
-    }
-    for key in _CHECKED:  # a caller may repeat what the store computes, but not contradict it
-        if key in attrs and json.loads(json.dumps(attrs[key])) != owned[key]:
-            raise StoreError(f"store attribute {key!r} is {attrs[key]!r} but the store computes {owned[key]!r}")
-    out = {k: v for k, v in attrs.items() if k not in _OWNED}
-    for key, value in out.items():
-        _check_json(key, value)
-    out["layers"] = list(layers)
-    return {**out, **owned}
 
 
 def _create_arrays(group: zarr.Group, ids: Sequence[str], views: Sequence[str], image_shape: tuple[int, ...], shard: int) -> None:
@@ -183,7 +101,7 @@ def _skeleton(
 def _only_store_objects(keys: Sequence[str]) -> bool:
     """True when every key lies in a store array or is the group's zarr.json: what a killed creation or
     removal leaves, and nothing a user keeps there."""
-    return all(key.split("/", 1)[0] in _NODES for key in keys)
+    return all(key.split("/", 1)[0] in NODES for key in keys)
 
 
 class FeatureStore:
@@ -269,7 +187,7 @@ class FeatureStore:
         if per_shard < 1:
             raise StoreError(f"images_per_shard must be positive, got {per_shard}")
         per_shard = min(per_shard, max(1, len(ids)))
-        meta = _store_attrs(ids, views, grid, channels, attrs, per_shard, sources)
+        meta = group_attrs(ids, views, grid, channels, attrs, per_shard, sources)
         tmp = path.parent / f".{path.name}.creating-{os.getpid()}"
         try:
             with store_io(f"creating {path}"):
@@ -302,7 +220,7 @@ class FeatureStore:
         if per_shard < 1:
             raise StoreError(f"images_per_shard must be positive, got {per_shard}")
         per_shard = min(per_shard, max(1, len(ids)))
-        meta = _store_attrs(ids, views, grid, channels, attrs, per_shard, sources)
+        meta = group_attrs(ids, views, grid, channels, attrs, per_shard, sources)
         objects = _skeleton(meta, ids, views, (len(views), *grid, channels), per_shard)
         with store_io(f"creating {path}"):
             if leftover := keys_under(path):

@@ -39,7 +39,8 @@ import torch
 from pipeline import __version__
 from pipeline.cache.geometry import check_size
 from pipeline.cache.names import CacheLayout, ImageStatus, Location, StoreIdentity, StorePath, cache_name, legacy_cache_name
-from pipeline.cache.store import FeatureStore, default_images_per_shard
+from pipeline.cache.schema import default_images_per_shard
+from pipeline.cache.store import FeatureStore
 from pipeline.config import ExtractConfig
 from pipeline.devices import OomBackoff, autocast, pick_device, pin_memory
 from pipeline.distributed import Ranks
