@@ -73,7 +73,13 @@ class Ranks:
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(local % torch.cuda.device_count())
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s()))
+        try:
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s()))
+        except (ValueError, RuntimeError) as exc:  # e.g. WORLD_SIZE set by hand, without MASTER_ADDR/MASTER_PORT
+            raise ConfigError(
+                f"WORLD_SIZE={world} but the process group cannot start ({exc}); launch with torchrun, "
+                "or unset WORLD_SIZE for one process (job arrays: --part I/N)"
+            ) from exc
         log.info("rank %d of %d (local rank %d), backend %s", rank, world, local, backend)
         return cls(rank, world, True, local)
 
