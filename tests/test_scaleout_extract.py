@@ -159,14 +159,32 @@ def test_killed_rank_leaves_only_unfinished_shards_and_one_process_finishes(toy,
 
 
 def test_a_run_of_four_is_finished_by_two_sharing_what_is_left(toy, tmp_path):
-    items, out, cfg = find_images(toy.voc_root, "train"), tmp_path / "s.zarr", ExtractConfig(**TINY, images_per_shard=2)
-    for part in ("1/4", "3/4"):  # what ranks 0 and 2 of four leave when ranks 1 and 3 die: shards 0, 4 and 2, 6
-        extract(items, out, cfg, ranks=Ranks.from_part(part))
+    """Four ranks, one of them killed once a shard is flagged: torchrun stops the run; two ranks then
+    deal what is missing between them and finish the store, byte for byte one process's."""
+    script, out = tmp_path / "slow_worker.py", tmp_path / "four.zarr"
+    script.write_text(SLOW_WORKER)
+    proc = start([*TORCHRUN, "--nproc_per_node=4", str(script), str(tmp_path), "extract", *cli_args(toy, "train", out, 2)])
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            pid = tmp_path / "rank3.pid"
+            if pid.exists() and FeatureStore.exists(out) and FeatureStore.open(out).done_shards().sum() >= 1:
+                os.kill(int(pid.read_text()), signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        proc.communicate(timeout=TIMEOUT)
+    finally:
+        stop(proc)
+    assert proc.returncode != 0
+    done = int(FeatureStore.open(out).done_shards().sum())
+    assert 1 <= done < 8, "the run of four was not killed part-way"
+
     result = torchrun(2, cli_args(toy, "train", out, 2), cli=("--verbose", "extract"))
     assert result.returncode == 0, result.stderr
-    assert table_value(result.stdout, "shards written / already done") == "4 / 4"
-    for rank in (0, 1):  # shards 1, 3, 5, 7 dealt two each (by number, k % 2, rank 1 would get all four)
-        assert f"rank {rank}/2: 4 of 8 shards missing, 2 of them here" in result.stderr
+    assert table_value(result.stdout, "shards written / already done") == f"{8 - done} / {done}"
+    missing = 8 - done
+    for rank in (0, 1):  # rank 0's list of the missing shards, dealt round-robin
+        assert f"rank {rank}/2: {missing} of 8 shards missing, {(missing + 1 - rank) // 2} of them here" in result.stderr
     assert_same_bytes(out, single_process_store(toy, "train", tmp_path / "one.zarr", 2))
 
 
