@@ -32,6 +32,7 @@ pytest.importorskip("upath", reason="the s3 extra is not installed: pip install 
 
 from pipeline.cache.labels import LabelSet, ensure_labels, update_label_attrs  # noqa: E402
 from pipeline.cache.names import CacheLayout, label_set_path, location  # noqa: E402
+from pipeline.cache.remote import RemoteShardReader  # noqa: E402
 from pipeline.cache.store import FeatureStore  # noqa: E402
 from pipeline.cli import app  # noqa: E402
 from pipeline.errors import ConfigError, StoreError  # noqa: E402
@@ -157,6 +158,39 @@ def test_store_on_s3_reads_like_the_local_store(bucket: str, tmp_path: Path) -> 
     assert info["complete"]
     assert info["bytes_on_disk"] > local.raw_token_bytes()
     assert info["fingerprint"] == local.fingerprint()
+
+
+def test_a_shard_is_fetched_as_ranges_in_flight_together(bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One shard read is one batch of ranged GETs (s3fs runs a cat_ranges batch concurrently), each at
+    most part_bytes long, covering the chunks and the index: not one request per chunk in turn."""
+    url = f"s3://{bucket}/cache/m/train.zarr"
+    tokens = _fill(_create(url))
+    store = FeatureStore.open(url)
+    reader = store._direct
+    assert isinstance(reader, RemoteShardReader)
+    reader.part_bytes = 2 * reader.chunk_bytes  # several ranges for this small shard
+    calls: list[tuple[list[int], list[int]]] = []
+    fs = store.path.fs
+    real = fs.cat_ranges
+
+    def recorded(paths: list[str], starts: list[int], ends: list[int], **kw: object) -> list[bytes]:
+        calls.append((list(starts), list(ends)))
+        return real(paths, starts, ends, **kw)
+
+    monkeypatch.setattr(fs, "cat_ranges", recorded)
+    out = np.empty((4, *tokens.shape[1:]), np.float16)
+    assert reader.read(0, 4, out)
+    assert reader.last_path == "direct"
+    np.testing.assert_array_equal(out, tokens[:4])
+    assert len(calls) == 1  # the shard's data and index in one round
+    starts, ends = calls[0]
+    assert len(starts) > 1
+    index_bytes = store.images_per_shard * store.n_views * 16 + 4  # (offset, length) per chunk + crc32c
+    assert all(e - s <= reader.part_bytes for s, e in zip(starts[:-1], ends[:-1], strict=True))
+    assert ends[-1] - starts[-1] <= reader.part_bytes + index_bytes  # the last range also brings the index
+    assert starts[0] == 0  # one contiguous cover of the chunks and the index after them
+    assert all(a == b for a, b in zip(ends[:-1], starts[1:], strict=False))
+    assert ends[-1] == 4 * store.n_views * reader.chunk_bytes + index_bytes
 
 
 def test_shard_laid_out_otherwise_is_read_through_its_index(bucket: str) -> None:
