@@ -32,7 +32,7 @@ from pipeline.workspace import Workspace
 TINY = ExtractConfig(model="vit_tiny_test", random_init=True, size=56, workers=0, flip=True, images_per_shard=6)
 TIMEOUT = 240  # seconds: a hang fails the test instead of blocking the suite
 # One thread per process, in single-process runs too: float sums then add up in the same order.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "SSVT_DIST_TIMEOUT": "120"}  # a hung rank gives up
 
 
 @pytest.fixture(scope="module")
